@@ -1,0 +1,36 @@
+# Set-up and entry points. Every target creates .venv when it is missing and
+# installs the project into it, so a fresh clone needs nothing else.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PYTEST  := $(BIN)/python -m pytest
+
+.PHONY: demo test test-all lint bench install clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch is pinned (local CPU build); install it first so nothing else can pull a CUDA build.
+	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/qkv walkthrough "thinking machines learn"
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(PYTEST) -q
+
+test-all: $(STAMP)
+	$(PYTEST) -q -m "slow or not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The ``qkv`` command line: one file per command, registered in :mod:`.app`."""

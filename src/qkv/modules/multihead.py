@@ -1,0 +1,168 @@
+"""Multi-head attention with grouped-query heads, cross-attention and a KV cache."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+from torch import Tensor
+
+from .. import _checks as C
+from ..backends import make_request
+from ..cache import KVCache
+from ..config import AttentionConfig
+from ..functional import run_request
+from ..masks import combine_masks
+from ..masks import key_padding_mask as kpm_to_mask
+from ..result import AttentionResult
+
+__all__ = ["MultiHeadAttention"]
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention, batch first, drop-in for ``nn.MultiheadAttention``'s math.
+
+    H heads of width ``d_k = d_model / H`` attend in parallel; their outputs are
+    concatenated and mixed by ``out_proj``. With ``num_kv_heads < num_heads`` several
+    query heads share one key/value head (grouped-query; 1 = multi-query), which
+    shrinks ``k_proj``, ``v_proj`` and the KV cache.
+
+    Args: see :class:`qkv.AttentionConfig` (same names, validated there).
+
+    Parameters: ``q_proj`` (d_model -> d_model), ``k_proj`` (kdim -> H_kv * d_k),
+    ``v_proj`` (vdim -> H_kv * d_k), ``out_proj`` (d_model -> d_model).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        bias: bool = True,
+        dropout: float = 0.0,
+        causal: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        cfg = AttentionConfig(
+            d_model, num_heads, num_kv_heads, kdim, vdim, bias, dropout, causal, backend
+        )
+        self.config = cfg
+        kv_width = cfg.kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.k_proj = nn.Linear(cfg.kdim or d_model, kv_width, bias=bias)
+        self.v_proj = nn.Linear(cfg.vdim or d_model, kv_width, bias=bias)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+
+    @classmethod
+    def from_config(cls, cfg: AttentionConfig) -> MultiHeadAttention:
+        return cls(
+            cfg.d_model,
+            cfg.num_heads,
+            num_kv_heads=cfg.num_kv_heads,
+            kdim=cfg.kdim,
+            vdim=cfg.vdim,
+            bias=cfg.bias,
+            dropout=cfg.dropout,
+            causal=cfg.causal,
+            backend=cfg.backend,
+        )
+
+    def _check_input(self, name: str, x: object, width: int, B: int | None) -> Tensor:
+        x = C.check_float_tensor(name, x)
+        if x.ndim != 3 or x.shape[-1] != width or (B is not None and x.shape[0] != B):
+            want = f"({'B' if B is None else B}, length, {width})"
+            raise ValueError(f"{name} must have shape {want}, got {C.shape(x)}")
+        return x
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor | None = None,
+        value: Tensor | None = None,
+        *,
+        attn_mask: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        is_causal: bool | None = None,
+        need_weights: bool = False,
+        average_weights: bool = True,
+        cache: KVCache | None = None,
+    ) -> Tensor | AttentionResult:
+        """Attend from ``query`` to ``key``/``value`` (self-attention when they are omitted).
+
+        Args:
+            query: ``(B, L, d_model)``.
+            key: ``(B, S, kdim)``, default ``query``; value: ``(B, S, vdim)``, default ``key``.
+            attn_mask: bool (True = may attend) or float, broadcastable to (B, H, L, S).
+            key_padding_mask: ``(B, S)``, **True / 1 = real token that may be attended**
+                (Hugging Face's convention). ``torch.nn.MultiheadAttention`` uses the
+                OPPOSITE (True = padding): pass ``~mask`` when porting from it. With a
+                cache, it covers all S cached + new keys.
+            is_causal: override the module's ``causal`` for this call.
+            need_weights: also return the weights (before dropout).
+            average_weights: average them over heads, (B, L, S); else (B, H, L, S).
+            cache: a :class:`qkv.KVCache`; new keys/values are appended and the query
+                attends to everything cached (causal masks align bottom-right).
+
+        Returns:
+            ``(B, L, d_model)``, or an :class:`~qkv.AttentionResult` ``(output, weights)``.
+        """
+        cfg = self.config
+        query = self._check_input("query", query, cfg.d_model, None)
+        B, L, _ = query.shape
+        key = query if key is None else self._check_input("key", key, cfg.kdim or cfg.d_model, B)
+        if value is None:
+            value = key
+        value = self._check_input("value", value, cfg.vdim or cfg.d_model, B)
+        if key.shape[1] != value.shape[1]:
+            raise ValueError(f"key {C.shape(key)} and value {C.shape(value)} differ in length S")
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a qkv.KVCache, got {type(cache).__name__}")
+        H, H_kv, d = cfg.num_heads, cfg.kv_heads, cfg.head_dim
+
+        q = self.q_proj(query).view(B, L, H, d).transpose(1, 2)  # (B, H, L, d_k)
+        k = self.k_proj(key).view(B, -1, H_kv, d).transpose(1, 2)  # (B, H_kv, S_new, d_k)
+        v = self.v_proj(value).view(B, -1, H_kv, d).transpose(1, 2)  # (B, H_kv, S_new, d_v)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, H_kv, S, d): past + new
+        S = k.shape[2]
+
+        causal = cfg.causal if is_causal is None else is_causal
+        if attn_mask is not None and causal and L != S:
+            # Same rule as the functional API: user masks + causal are ambiguous when L != S.
+            make_request(q, k, v, attn_mask=attn_mask, is_causal=True, enable_gqa=True)
+        padding = None
+        if key_padding_mask is not None:
+            padding = kpm_to_mask(key_padding_mask)  # (B, 1, 1, S_kpm)
+            if padding.shape[0] != B or padding.shape[-1] != S:
+                raise ValueError(
+                    f"key_padding_mask must have shape (B, S) = ({B}, {S}), got "
+                    f"{C.shape(key_padding_mask)}"
+                )
+            padding = padding.to(query.device)
+        request = make_request(
+            q,
+            k,
+            v,
+            attn_mask=combine_masks(attn_mask, padding),
+            is_causal=causal,
+            dropout_p=cfg.dropout if self.training else 0.0,
+            enable_gqa=True,
+            need_weights=need_weights,
+            average_heads=need_weights and average_weights,
+            causal_with_mask_ok=True,
+        )
+        result = run_request(request, cfg.backend)
+        out = result.output.transpose(1, 2).reshape(B, L, cfg.d_model)  # (B, L, H * d_v)
+        out = self.out_proj(out)  # (B, L, d_model)
+        if not need_weights:
+            return out
+        return AttentionResult(out, result.weights, result.backend, result.lse)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"d_model={c.d_model}, num_heads={c.num_heads}, num_kv_heads={c.kv_heads}, "
+            f"causal={c.causal}, backend={c.backend!r}"
+        )
