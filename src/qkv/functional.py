@@ -136,7 +136,7 @@ def simple_attention(
     if scale is None:
         raise TypeError("scale must be a positive number (the baseline is unscaled: 1.0)")
     if attn_mask is not None:
-        attn_mask = C.check_mask("attn_mask", attn_mask, C.shape(x)[:-1] + (x.shape[-2],), x.device)
+        attn_mask = C.check_mask("attn_mask", attn_mask, (*C.shape(x)[:-1], x.shape[-2]), x.device)
     xh = x.unsqueeze(-3)  # (..., 1, L, d_model): one "head" whose q = k = v = x
     result = scaled_dot_product_attention(
         xh,
