@@ -1,0 +1,144 @@
+"""Shared test helpers: input factories and the low-precision accuracy rule.
+
+Every fast path is compared with the reference backend. In float16/bfloat16 the
+rule (as in flash-attention's tests) is: the kernel's error against a float64 run
+of the reference must be at most twice the error of the reference itself run in
+that same low precision (plus a tiny floor, for cases where both are exact).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+import qkv
+
+MASK_KINDS = ("none", "bool", "bool_heads", "float", "padding", "broadcast_2d")
+
+
+def make_qkv(
+    B: int = 2,
+    H: int = 4,
+    H_kv: int | None = None,
+    L: int = 7,
+    S: int | None = None,
+    d_k: int = 16,
+    d_v: int | None = None,
+    *,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    requires_grad: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Random q (B, H, L, d_k), k (B, H_kv, S, d_k), v (B, H_kv, S, d_v)."""
+    H_kv = H if H_kv is None else H_kv
+    S = L if S is None else S
+    d_v = d_k if d_v is None else d_v
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, L, d_k, generator=g, dtype=torch.float64)
+    k = torch.randn(B, H_kv, S, d_k, generator=g, dtype=torch.float64)
+    v = torch.randn(B, H_kv, S, d_v, generator=g, dtype=torch.float64)
+    return tuple(t.to(dtype).requires_grad_(requires_grad) for t in (q, k, v))
+
+
+def make_mask(
+    kind: str, B: int, H: int, L: int, S: int, *, seed: int = 1, dead_row: bool = True
+) -> Tensor | None:
+    """A mask of the given kind; with ``dead_row`` one query row allows no key at all."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "none":
+        return None
+    if kind == "bool":  # (B, 1, L, S): shared by heads
+        m = torch.rand(B, 1, L, S, generator=g) > 0.3
+    elif kind == "bool_heads":  # (B, H, L, S): one per head
+        m = torch.rand(B, H, L, S, generator=g) > 0.3
+    elif kind == "float":  # (1, H, L, S): additive, some -inf
+        m = torch.randn(1, H, L, S, generator=g, dtype=torch.float64)
+        m = m.masked_fill(torch.rand(1, H, L, S, generator=g) < 0.3, float("-inf"))
+    elif kind == "padding":  # (B, 1, 1, S): key padding; the last batch row pads half the keys
+        m = torch.ones(B, 1, 1, S, dtype=torch.bool)
+        m[-1, ..., (S + 1) // 2 :] = False
+        if dead_row and B > 1:
+            m[0] = False  # a whole sequence of padding: every row empty
+        return m
+    elif kind == "broadcast_2d":  # (L, S)
+        m = torch.rand(L, S, generator=g) > 0.3
+    else:
+        raise ValueError(kind)
+    if dead_row:
+        row = L // 2
+        if m.dtype == torch.bool:
+            m[..., row, :] = False
+        else:
+            m[..., row, :] = float("-inf")
+    return m
+
+
+def max_err(a: Tensor, b: Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _run(
+    fn: Callable[..., Tensor], q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype, grad_out: Tensor
+):
+    """Run ``fn`` on copies of q, k, v cast to ``dtype``; return output and input grads."""
+    qc, kc, vc = (t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
+    out = fn(qc, kc, vc)
+    out.backward(grad_out.to(dtype))
+    return out.detach(), qc.grad, kc.grad, vc.grad
+
+
+def reference_fn(**kwargs) -> Callable[..., Tensor]:
+    """The reference backend with fixed keyword arguments, as ``fn(q, k, v)``."""
+    return lambda q, k, v: qkv.scaled_dot_product_attention(q, k, v, backend="reference", **kwargs)
+
+
+def assert_matches_reference(
+    kernel: Callable[..., Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    dtype: torch.dtype,
+    grads: bool = True,
+    atol: float | None = None,
+    **kwargs,
+) -> dict[str, float]:
+    """Check ``kernel(q, k, v)`` (and its gradients) against the reference.
+
+    float64/float32: max abs error <= ``atol`` (default 1e-10 / 2e-5).
+    float16/bfloat16: error vs the float64 reference <= 2 x the reference's own error
+    in that dtype, + 1e-6 floor. Returns the measured errors (for messages/benchmarks).
+    """
+    ref = reference_fn(**kwargs)
+    g = torch.Generator().manual_seed(123)
+    out_shape = (*q.shape[:-1], v.shape[-1])
+    grad_out = torch.randn(out_shape, generator=g, dtype=torch.float64)
+    names = ("out", "dq", "dk", "dv") if grads else ("out",)
+
+    def run(fn, dt):
+        if grads:
+            return _run(fn, q, k, v, dt, grad_out)
+        with torch.no_grad():
+            return (fn(*(t.detach().to(dt) for t in (q, k, v))),)
+
+    exact = run(ref, torch.float64)
+    got = run(kernel, dtype)
+    errs: dict[str, float] = {}
+    if dtype in (torch.float16, torch.bfloat16):
+        low_ref = run(ref, dtype)
+        for name, e, gk, gr in zip(names, exact, got, low_ref, strict=False):
+            assert torch.isfinite(gk.double()).all(), f"{name}: non-finite values in {dtype}"
+            err, ref_err = max_err(gk, e), max_err(gr, e)
+            errs[name], errs[name + "_ref"] = err, ref_err
+            assert err <= 2 * ref_err + 1e-6, (
+                f"{name} in {dtype}: kernel error {err:.3e} > 2 x reference error {ref_err:.3e}"
+            )
+    else:
+        tol = atol if atol is not None else (1e-10 if dtype == torch.float64 else 2e-5)
+        for name, e, gk in zip(names, exact, got, strict=False):
+            assert torch.isfinite(gk.double()).all(), f"{name}: non-finite values"
+            errs[name] = max_err(gk, e)
+            assert errs[name] <= tol, f"{name} in {dtype}: error {errs[name]:.3e} > {tol:.1e}"
+    return errs
