@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import typer
-from rich.console import Console
+from rich import box
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 from torch import Tensor
 
 from ..walkthrough import walkthrough
 
 
-def _matrix(title: str, m: Tensor, rows: list[str], cols: list[str] | None = None) -> Table:
+def _matrix(title: str, m: Tensor, rows: list[str], cols: list[str] | None = None) -> Group:
     shape = "×".join(str(s) for s in m.shape)
-    table = Table(title=f"{title}  [dim]({shape})[/dim]", title_justify="left")
+    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1))
     cols = cols or [str(j) for j in range(m.shape[1])]
     table.add_column("")
     for c in cols:
         table.add_column(c, justify="right")
     for name, row in zip(rows, m.tolist(), strict=True):
         table.add_row(name, *(f"{val:.4f}" for val in row))
-    return table
+    return Group(Text.from_markup(f"[bold cyan]{title}[/]  [dim]({shape})[/dim]"), table)
 
 
 def run(text: str, seed: int, d_model: int, d_k: int, d_v: int, console: Console) -> None:
