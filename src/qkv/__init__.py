@@ -6,9 +6,8 @@ query/key width per head · d_v value width per head. Boolean masks: True = may
 attend; float masks are added to the scores.
 """
 
-from . import masks
+from . import backends, masks
 from .backends import AttentionRequest, get_backend, register_backend
-from .backends import backends as _registry
 from .cache import KVCache
 from .config import AttentionConfig
 from .functional import scaled_dot_product_attention, simple_attention
@@ -16,11 +15,6 @@ from .modules import MultiHeadAttention, SelfAttention
 from .result import AttentionResult
 
 __version__ = "0.1.0"
-
-
-def backends() -> dict[str, str]:
-    """Registered backends usable in this process, by name, with a one-line description."""
-    return {name: b.description for name, b in _registry().items() if b.available()}
 
 
 __all__ = [

@@ -115,6 +115,7 @@ class MultiHeadAttention(nn.Module):
         if value is None:
             value = key
         value = self._check_input("value", value, cfg.vdim or cfg.d_model, B)
+        C.check_same_dtype_device(query=query, key=key, value=value)
         if key.shape[1] != value.shape[1]:
             raise ValueError(f"key {C.shape(key)} and value {C.shape(value)} differ in length S")
         if cache is not None and not isinstance(cache, KVCache):
@@ -124,14 +125,20 @@ class MultiHeadAttention(nn.Module):
         q = self.q_proj(query).view(B, L, H, d).transpose(1, 2)  # (B, H, L, d_k)
         k = self.k_proj(key).view(B, -1, H_kv, d).transpose(1, 2)  # (B, H_kv, S_new, d_k)
         v = self.v_proj(value).view(B, -1, H_kv, d).transpose(1, 2)  # (B, H_kv, S_new, d_v)
-        if cache is not None:
-            k, v = cache.update(k, v)  # (B, H_kv, S, d): past + new
-        S = k.shape[2]
+        S = k.shape[2] + (0 if cache is None else len(cache))  # keys after this call
 
         causal = cfg.causal if is_causal is None else is_causal
-        if attn_mask is not None and causal and L != S:
-            # Same rule as the functional API: user masks + causal are ambiguous when L != S.
-            make_request(q, k, v, attn_mask=attn_mask, is_causal=True, enable_gqa=True)
+        # Every mask is checked before the cache is touched: a refused call leaves it as it was.
+        if attn_mask is not None:
+            attn_mask = C.check_mask("attn_mask", attn_mask, (B, H, L, S), query.device)
+            if causal and L != S:
+                # Same rule as the functional API: user masks + causal are ambiguous when L != S.
+                raise ValueError(
+                    f"is_causal=True with an explicit attn_mask is ambiguous when L={L} != "
+                    f"S={S} (bottom-right or top-left causal?); put the causal part into the "
+                    f"mask yourself, e.g. qkv.masks.combine_masks(attn_mask, "
+                    f"qkv.masks.causal_mask(L, S))"
+                )
         padding = None
         if key_padding_mask is not None:
             padding = kpm_to_mask(key_padding_mask)  # (B, 1, 1, S_kpm)
@@ -141,6 +148,8 @@ class MultiHeadAttention(nn.Module):
                     f"{C.shape(key_padding_mask)}"
                 )
             padding = padding.to(query.device)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, H_kv, S, d): past + new
         request = make_request(
             q,
             k,
