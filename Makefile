@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST  := $(BIN)/python -m pytest
 
-.PHONY: demo test test-all lint bench install clean
+.PHONY: demo walkthrough test test-all lint bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,7 +18,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The main job: a trained model's attention on "bank", with heatmaps and the explorer page
+# written to ./qkv-explain/.
 demo: $(STAMP)
+	$(BIN)/qkv explain "The bank of the river was muddy after the storm" --focus bank
+
+# Every step of self-attention on a toy example, with seeded random weights.
+walkthrough: $(STAMP)
 	$(BIN)/qkv walkthrough "thinking machines learn"
 
 test: $(STAMP)

@@ -34,6 +34,10 @@ def _register_commands() -> None:
     from . import walkthrough
 
     walkthrough.register(app)
+    from . import compare, explain
+
+    explain.register(app)
+    compare.register(app)
 
 
 _register_commands()

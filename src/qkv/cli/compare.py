@@ -1,0 +1,116 @@
+"""``qkv compare`` (one word in two sentences) and ``qkv similarity`` (sentence embeddings)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ..explain import WordComparison, compare_word, sentence_similarities
+from .explain import bar, console
+
+
+def _piece_note(label: str, cmp_side) -> str:
+    f = cmp_side.focus
+    note = (
+        f"tokens {f.positions[0]}-{f.positions[-1]}" if len(f.positions) > 1 else f"token {f.first}"
+    )
+    if f.occurrences > 1:
+        note += f", first of {f.occurrences}"
+    return f"{label}: {note}"
+
+
+def print_comparison(cmp: WordComparison, text_a: str, text_b: str, out: Console) -> None:
+    word = cmp.a.focus.word
+    out.print(f"A: {escape(text_a)}\nB: {escape(text_b)}")
+    out.print(f"[dim]{_piece_note('A', cmp.a)}; {_piece_note('B', cmp.b)}[/dim]")
+    table = Table(title=f"Cosine similarity of {word!r} in A and B", title_justify="left")
+    table.add_column("stage")
+    table.add_column("cosine", justify="right")
+    table.add_column("", no_wrap=True)
+    for label, c in zip(cmp.labels, cmp.cosines.tolist(), strict=True):
+        table.add_row(label, f"{c:.4f}", bar(c, 30))
+    out.print(table)
+    out.print(
+        "[dim]input = word + position + token-type embedding after LayerNorm (positions "
+        "differ, so it is not exactly 1); baseline = the untrained q = k = v attention on "
+        "those inputs; layer N = the output of trained block N.[/dim]"
+    )
+    first, last = float(cmp.cosines[0]), float(cmp.cosines[-1])
+    trend = "drift apart" if last < first else "move closer"
+    out.print(
+        f"The two {word!r} vectors {trend}: cosine {first:.4f} at the input, "
+        f"{last:.4f} after {cmp.labels[-1]}."
+    )
+
+
+def print_similarities(sim, sentences: list[str], out: Console) -> None:
+    n = len(sentences)
+    if n == 2:
+        out.print(f"A: {escape(sentences[0])}\nB: {escape(sentences[1])}")
+        out.print(f"cosine similarity: {float(sim[0, 1]):.4f}")
+        return
+    for i, s in enumerate(sentences):
+        out.print(f"[bold]{i + 1}[/bold]: {escape(s)}")
+    table = Table(title="Sentence similarity (cosine)", title_justify="left")
+    table.add_column("")
+    for j in range(n):
+        table.add_column(str(j + 1), justify="right")
+    for i in range(n):
+        table.add_row(str(i + 1), *(f"{float(sim[i, j]):.4f}" for j in range(n)))
+    out.print(table)
+    off = sim.clone().fill_diagonal_(-2.0)
+    i, j = divmod(int(off.argmax()), n)
+    out.print(f"Most similar pair: {i + 1} and {j + 1} ({float(sim[i, j]):.4f}).")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("compare")
+    def compare_cmd(
+        text_a: str = typer.Argument(..., help="First sentence."),
+        text_b: str = typer.Argument(..., help="Second sentence."),
+        word: str = typer.Option(..., help="A word that occurs in both sentences."),
+        truncate: bool = typer.Option(
+            False, help="Cut texts longer than 512 tokens instead of failing."
+        ),
+        baseline_scale: float = typer.Option(
+            1.0, help="Multiplier of the baseline's dot products (1 = plain)."
+        ),
+        model: str = typer.Option("all-MiniLM-L6-v2", help="Model name or model directory."),
+    ) -> None:
+        """How similar WORD's vectors are in two sentences, at every layer."""
+        from .. import pretrained
+
+        for name, text in (("TEXT_A", text_a), ("TEXT_B", text_b)):
+            if not text.strip():
+                raise ValueError(f"{name} is empty: give a sentence")
+        m = pretrained.load(model)
+        cmp = compare_word(
+            m, text_a, text_b, word, truncate=truncate, baseline_scale=baseline_scale
+        )
+        print_comparison(cmp, text_a, text_b, console())
+
+    @app.command("similarity")
+    def similarity_cmd(
+        sentences: Annotated[
+            list[str], typer.Argument(help="Two sentences (or more, for a matrix).")
+        ],
+        truncate: bool = typer.Option(
+            False, help="Cut texts longer than 512 tokens instead of failing."
+        ),
+        model: str = typer.Option("all-MiniLM-L6-v2", help="Model name or model directory."),
+    ) -> None:
+        """Cosine similarity of sentence embeddings (mean-pooled, normalised)."""
+        from .. import pretrained
+
+        if len(sentences) < 2:
+            raise ValueError(f"give at least two sentences to compare, got {len(sentences)}")
+        for i, s in enumerate(sentences):
+            if not s.strip():
+                raise ValueError(f"sentence {i + 1} is empty")
+        m = pretrained.load(model)
+        sim = sentence_similarities(m, sentences, truncate=truncate)
+        print_similarities(sim, sentences, console())
