@@ -9,6 +9,7 @@ import sys
 import types
 
 from . import reference, torch_sdpa  # noqa: F401  (registration side effects)
+from . import triton as _triton  # noqa: F401  (registers only; Triton loads on first use)
 from .dispatch import PREFERENCE, choose_backend
 from .registry import Backend, backends, get_backend, register_backend
 from .request import AttentionRequest, make_request

@@ -5,6 +5,10 @@ Rules, in order of preference (the first backend whose ``supports`` says yes win
 1. ``"torch"`` — PyTorch's fused kernels, when no weights are requested.
 2. ``"reference"`` — serves everything (weights, any mask, any dtype).
 
+Device-bound backends are candidates only for tensors on their device (``DEVICE_TYPES``):
+``"triton"`` comes first for CUDA tensors and is not considered, nor logged as
+skipped, for CPU ones (its CPU interpreter is for tests, not speed).
+
 A request is never degraded to fit a backend: features are not dropped, only
 backends are skipped. Each skip of a preferred backend is logged once per reason
 on the ``qkv`` logger (INFO), so a slower path is never taken silently.
@@ -22,7 +26,10 @@ __all__ = ["PREFERENCE", "choose_backend"]
 logger = logging.getLogger("qkv")
 
 #: Backend names in the order ``"auto"`` tries them.
-PREFERENCE: list[str] = ["torch", "reference"]
+PREFERENCE: list[str] = ["triton", "torch", "reference"]
+
+#: Backends ``"auto"`` considers only for tensors of one device type.
+DEVICE_TYPES: dict[str, str] = {"triton": "cuda"}
 
 _logged: set[tuple[str, str]] = set()
 
@@ -31,6 +38,8 @@ def choose_backend(request: AttentionRequest) -> Backend:
     """The backend ``"auto"`` uses for ``request``."""
     skipped: list[tuple[str, str]] = []
     for name in PREFERENCE:
+        if DEVICE_TYPES.get(name, request.device.type) != request.device.type:
+            continue  # not a candidate on this device: nothing skipped, nothing logged
         backend = get_backend(name)
         reason = None if backend.available() else "not available here"
         reason = reason or backend.supports(request)
