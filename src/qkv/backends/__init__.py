@@ -8,7 +8,7 @@ callable: ``qkv.backends()`` lists the backends usable in this process, while
 import sys
 import types
 
-from . import reference, torch_sdpa  # noqa: F401  (registration side effects)
+from . import flash, reference, torch_sdpa  # noqa: F401  (registration side effects)
 from . import triton as _triton  # noqa: F401  (registers only; Triton loads on first use)
 from .dispatch import PREFERENCE, choose_backend
 from .registry import Backend, backends, get_backend, register_backend
