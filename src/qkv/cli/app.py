@@ -34,6 +34,9 @@ def _register_commands() -> None:
     from . import walkthrough
 
     walkthrough.register(app)
+    from . import train
+
+    train.register(app)
     from . import compare, explain
 
     explain.register(app)

@@ -1,0 +1,159 @@
+"""``qkv train``, ``qkv generate`` and ``qkv experiment``: learning the projections."""
+
+from __future__ import annotations
+
+import typer
+
+
+def _train_cmd(app: typer.Typer) -> None:
+    @app.command("train")
+    def train_cmd(
+        task: str = typer.Option(
+            ..., help="recall, reverse, sort, date-to-iso, iso-to-date, charlm."
+        ),
+        attention: str = typer.Option("trainable", help="fixed, qk or trainable."),
+        steps: int = typer.Option(1000, help="Optimiser steps."),
+        seed: int = typer.Option(0, help="Seeds weights, data order and the eval sets."),
+        out: str = typer.Option("out/run", help="Run directory."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
+        model: str = typer.Option(None, help="decoder or encdec (default: the task's)."),
+        batch_size: int = typer.Option(64, help="Global batch (split over torchrun processes)."),
+        lr: float = typer.Option(3e-3, help="Peak learning rate."),
+        min_lr: float = typer.Option(3e-4, help="Final learning rate of the cosine decay."),
+        warmup: int = typer.Option(50, help="Warm-up steps."),
+        weight_decay: float = typer.Option(0.01, help="AdamW weight decay (matrices only)."),
+        grad_clip: float = typer.Option(1.0, help="Gradient norm clip."),
+        d_model: int = typer.Option(64, help="Embedding width."),
+        num_heads: int = typer.Option(4, help="Attention heads."),
+        num_layers: int = typer.Option(2, help="Blocks (per stack)."),
+        eval_every: int = typer.Option(250, help="Validation period in steps."),
+        eval_examples: int = typer.Option(500, help="Validation examples."),
+        test_examples: int = typer.Option(1000, help="Test examples."),
+        log_every: int = typer.Option(10, help="Steps per train-loss record."),
+        checkpoint_every: int = typer.Option(250, help="Checkpoint period in steps."),
+        text: str = typer.Option(None, help="Text file for the charlm task."),
+        n_pairs: int = typer.Option(None, help="Key-value pairs per recall sequence."),
+        n_keys: int = typer.Option(None, help="Distinct keys per recall sequence."),
+        block: int = typer.Option(None, help="Context window of charlm."),
+        backend: str = typer.Option("auto", help="Attention backend."),
+        device: str = typer.Option("auto", help="auto, cpu or cuda."),
+        threads: int = typer.Option(
+            None, help="torch CPU threads (default: 1 per torchrun process)."
+        ),
+        progress: bool = typer.Option(True, help="Show a progress bar."),
+    ) -> None:
+        """Train a small transformer whose attention is fixed, qk or trainable."""
+        from ..train.trainer import TrainConfig, TrainingDiverged, train
+
+        cfg = TrainConfig(
+            task=task,
+            attention=attention,
+            model=model,
+            steps=steps,
+            seed=seed,
+            batch_size=batch_size,
+            lr=lr,
+            min_lr=min_lr,
+            warmup=warmup,
+            weight_decay=weight_decay,
+            grad_clip=grad_clip,
+            d_model=d_model,
+            num_heads=num_heads,
+            num_layers=num_layers,
+            eval_every=eval_every,
+            eval_examples=eval_examples,
+            test_examples=test_examples,
+            log_every=log_every,
+            checkpoint_every=checkpoint_every,
+            text=None if text is None else str(text),
+            n_pairs=n_pairs,
+            n_keys=n_keys,
+            block=block,
+            backend=backend,
+            device=device,
+        )
+        try:
+            results = train(cfg, out, resume=resume, progress=progress, threads=threads)
+        except TrainingDiverged as err:
+            from .app import CLIError
+
+            raise CLIError(str(err)) from err
+        t = results["test"]
+        typer.echo(
+            f"{task}/{attention} seed {seed}: test loss {t['loss']:.4f}, token accuracy "
+            f"{t['token_acc']:.4f}, answer accuracy {t['seq_acc']:.4f} ({out})"
+        )
+
+
+def _generate_cmd(app: typer.Typer) -> None:
+    @app.command("generate")
+    def generate_cmd(
+        checkpoint: str = typer.Option(..., help="Run directory or one of its checkpoints."),
+        prompt: str = typer.Option(..., help="Source text (sequence tasks) or text to continue."),
+        max_new_tokens: int = typer.Option(100, help="Most tokens to generate."),
+        temperature: float = typer.Option(0.0, help="0 = greedy; higher = more random."),
+        top_k: int = typer.Option(None, help="Sample among the k most likely tokens."),
+        seed: int = typer.Option(0, help="Sampling seed."),
+        cache: bool = typer.Option(True, help="Decode with a KV cache (--no-cache re-runs all)."),
+    ) -> None:
+        """Generate with a trained model: a task's answer, or a text continuation."""
+        from ..train.generate import generate_text, load_run
+
+        run = load_run(checkpoint)
+        typer.echo(
+            generate_text(
+                run,
+                prompt,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                seed=seed,
+                use_cache=cache,
+            )
+        )
+
+
+def _experiment_cmd(app: typer.Typer) -> None:
+    @app.command("experiment")
+    def experiment_cmd(
+        quick: bool = typer.Option(False, "--quick", help="The small check run by the tests."),
+        out: str = typer.Option(None, help="Results folder (default experiments/results)."),
+        work: str = typer.Option(None, help="Folder for the runs (default out/experiment-runs)."),
+        jobs: int = typer.Option(2, help="Runs trained in parallel (one thread each)."),
+        seeds: int = typer.Option(None, help="Seeds per task and variant."),
+        tasks: str = typer.Option(None, help="Comma-separated subset of the tasks."),
+        progress: bool = typer.Option(True, help="Show progress."),
+        against: str = typer.Option(
+            "experiments/results/results.json",
+            help="With --quick: the full run's results.json to check the effect against.",
+        ),
+    ) -> None:
+        """Train fixed, qk and trainable attention on every task; write tables and figures.
+
+        With --quick, exit status 1 when the quick run does not show the full run's effect.
+        """
+        from ..train.experiment import run_experiment
+
+        summary = run_experiment(
+            quick=quick,
+            out=out,
+            work=work,
+            jobs=jobs,
+            seeds=seeds,
+            tasks=None if tasks is None else [t.strip() for t in tasks.split(",") if t.strip()],
+            progress=progress,
+            against=against,
+        )
+        typer.echo(summary["table_markdown"])
+        typer.echo(f"results written to {summary['out']}")
+        check = summary.get("check")
+        if check is not None:
+            typer.echo(f"check {'passed' if check['ok'] else 'FAILED'}: {check['message']}")
+            if not check["ok"]:
+                raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    _train_cmd(app)
+    _generate_cmd(app)
+    _experiment_cmd(app)

@@ -1,0 +1,543 @@
+"""Training loop: AdamW, warm-up + cosine decay, clipping, validation, exact resume.
+
+Shape legend: B batch · L sequence length · V vocabulary size.
+
+A run directory holds::
+
+    config.json             what was trained (train, model and task settings, vocabulary)
+    metrics.jsonl           one JSON object per line: train loss, validation, test
+    checkpoints/step_N/     model.safetensors, optimizer.safetensors, state.json
+    results.json            final validation and test metrics (when the run finished)
+
+A checkpoint directory is filled under a temporary name and then renamed in one
+``os.replace``, so a checkpoint either exists completely or not at all; the newest
+one is what ``resume`` continues from. Nothing is pickled: tensors go to safetensors,
+everything else to JSON.
+
+Why resuming is exact: the batch of step ``t`` is a pure function of ``(seed, t)``
+(see :mod:`qkv.train.tasks`), the learning rate a pure function of ``t``, and the
+checkpoint restores weights, AdamW's moments, the RNG state and the running loss
+of the current logging interval. A resumed run therefore performs the same float
+operations as an uninterrupted one (on the same machine and thread count).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .. import _checks as C
+from . import ddp
+from .models import ModelConfig, attention_parameter_count, build_model
+from .tasks import IGNORE, Batch, CharLMTask, make_task
+from .variants import check_variant
+
+__all__ = [
+    "TIMING_KEYS",
+    "TrainConfig",
+    "TrainingDiverged",
+    "evaluate",
+    "latest_checkpoint",
+    "lr_at",
+    "read_metrics",
+    "train",
+]
+
+#: Metric fields that measure time and so differ between otherwise identical runs.
+TIMING_KEYS = ("elapsed_s", "tokens_per_s")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm stopped being finite."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run; validated on construction.
+
+    Attributes:
+        task: task name (see :data:`qkv.train.tasks.TASKS`).
+        attention: ``"fixed"``, ``"qk"`` or ``"trainable"``.
+        model: ``"decoder"`` or ``"encdec"``; default: the task's own choice.
+        steps: optimiser steps.
+        seed: seeds the weights, the data stream and the validation/test sets.
+        batch_size: global batch (split over processes under torchrun).
+        lr, min_lr: peak and final learning rate of the cosine schedule.
+        warmup: steps of linear warm-up from 0 to ``lr``.
+        weight_decay: AdamW decay on matrices (not on norms and biases).
+        grad_clip: maximal global gradient norm.
+        d_model, num_heads, num_layers: model size (see :class:`ModelConfig`).
+        eval_every: validation period in steps (and at the end).
+        eval_examples, test_examples: sizes of the validation and test sets.
+        log_every: steps per train-loss line in metrics.jsonl.
+        checkpoint_every: checkpoint period in steps (and at the end).
+        text, n_pairs, n_keys, block: task options (charlm text file; recall's pairs per
+            sequence and keys per table; charlm's context window).
+        backend: attention backend, ``"auto"`` by default.
+        device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
+    """
+
+    task: str
+    attention: str = "trainable"
+    model: str | None = None
+    steps: int = 1000
+    seed: int = 0
+    batch_size: int = 64
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    d_model: int = 64
+    num_heads: int = 4
+    num_layers: int = 2
+    eval_every: int = 250
+    eval_examples: int = 500
+    test_examples: int = 1000
+    log_every: int = 10
+    checkpoint_every: int = 250
+    text: str | None = None
+    n_pairs: int | None = None
+    n_keys: int | None = None
+    block: int | None = None
+    backend: str = "auto"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_variant(self.attention)
+        if self.model not in (None, "decoder", "encdec"):
+            raise ValueError(f"model must be 'decoder' or 'encdec', got {self.model!r}")
+        for name in (
+            "steps",
+            "batch_size",
+            "d_model",
+            "num_heads",
+            "num_layers",
+            "eval_every",
+            "eval_examples",
+            "test_examples",
+            "log_every",
+            "checkpoint_every",
+        ):
+            C.check_positive_int(name, getattr(self, name))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be a non-negative integer, got {self.warmup!r}")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.lr <= 0 or self.min_lr > self.lr:
+            raise ValueError(f"need 0 < min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.text is not None:
+            object.__setattr__(self, "text", str(Path(self.text).resolve()))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of step ``step`` (0-based): linear warm-up, then cosine to ``min_lr``.
+
+    >>> cfg = TrainConfig("reverse", steps=110, warmup=10, lr=1.0, min_lr=0.0)
+    >>> [round(lr_at(s, cfg), 3) for s in (0, 9, 10, 60, 109)]
+    [0.1, 1.0, 1.0, 0.5, 0.0]
+    """
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    span = max(1, cfg.steps - cfg.warmup - 1)
+    progress = min(1.0, (step - cfg.warmup) / span)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+# -- loss and evaluation --------------------------------------------------------------
+def forward_logits(model, batch: Batch) -> Tensor:
+    """Logits ``(B, L, V)`` of a batch, for either model kind."""
+    if batch.src is None:
+        return model(batch.inputs)
+    return model(batch.src, batch.inputs, src_padding=batch.src_padding)
+
+
+def _token_losses(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy per position ``(B, L)``, 0 where the label is ``IGNORE``."""
+    B, L, V = logits.shape
+    return F.cross_entropy(
+        logits.reshape(B * L, V).float(),
+        labels.reshape(B * L),
+        ignore_index=IGNORE,
+        reduction="none",
+    ).view(B, L)
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[Batch], info: ddp.DistInfo | None = None) -> dict:
+    """Mean loss per answer token, token accuracy and whole-answer accuracy.
+
+    Whole-answer accuracy counts an example as right when every answer token is the
+    argmax under teacher forcing; that is exactly when greedy decoding reproduces the
+    answer, so it equals exact-match accuracy of generation at the cost of one pass.
+    Under torchrun each process evaluates every ``world_size``-th batch and the sums
+    are added.
+    """
+    info = info or ddp.DistInfo()
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(5, dtype=torch.float64)  # loss, tokens, right tokens, right rows, rows
+    for i, batch in enumerate(batches):
+        if i % info.world_size != info.rank:
+            continue
+        batch = batch.to(info.device)
+        logits = forward_logits(model, batch)
+        real = batch.labels != IGNORE  # (B, L)
+        right = (logits.argmax(-1) == batch.labels) & real
+        sums += torch.tensor(
+            [
+                _token_losses(logits, batch.labels).sum().item(),
+                real.sum().item(),
+                right.sum().item(),
+                (right | ~real).all(dim=1).sum().item(),
+                len(batch),
+            ],
+            dtype=torch.float64,
+        )
+    ddp.all_reduce_sum(sums, info)
+    model.train(was_training)
+    loss = sums[0].item() / sums[1].item()
+    return {
+        "loss": loss,
+        "bits_per_token": loss / math.log(2),
+        "token_acc": sums[2].item() / sums[1].item(),
+        "seq_acc": sums[3].item() / sums[4].item(),
+    }
+
+
+# -- files ----------------------------------------------------------------------------
+def _write_json(path: Path, obj) -> None:
+    """Write JSON atomically: a temporary file in the same folder, then ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")]
+    return sorted(done, key=lambda p: int(p.name.removeprefix("step_")))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint directory of a run, or ``None``."""
+    found = _checkpoints(Path(run_dir))
+    return found[-1] if found else None
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list[dict]]:
+    """AdamW's state as flat tensors (for safetensors) plus its param groups (for JSON)."""
+    sd = opt.state_dict()
+    tensors = {
+        f"state.{idx}.{name}": t.detach().cpu().contiguous()
+        for idx, st in sd["state"].items()
+        for name, t in st.items()
+    }
+    groups = [
+        {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+        for g in sd["param_groups"]
+    ]
+    return tensors, groups
+
+
+def _load_optimizer(
+    opt: torch.optim.Optimizer, tensors: dict[str, Tensor], groups: list[dict]
+) -> None:
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, t in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = t
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(out: Path, step: int, model, opt, extra: dict, keep: int = 2) -> Path:
+    """Write ``checkpoints/step_<step>`` atomically (see the module docstring)."""
+    root = out / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp-step_{step:07d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(tmp / "model.safetensors"))
+    tensors, groups = _optimizer_tensors(opt)
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    _write_json(tmp / "state.json", {"step": step, "param_groups": groups, **extra})
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        with open(tmp / name, "rb") as f:
+            os.fsync(f.fileno())
+    if final.exists():  # left by a run that was killed after it; same step, same content
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in _checkpoints(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl file (a torn last line is skipped)."""
+    records = []
+    p = Path(path)
+    if not p.exists():
+        return records
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # the process died while writing this line
+    return records
+
+
+def _rewrite_metrics(path: Path, upto: int) -> None:
+    """Keep the records of steps <= ``upto``: later ones are redone by the resumed run."""
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= upto]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# -- the run ----------------------------------------------------------------------------
+def build_task(cfg: TrainConfig):
+    return make_task(
+        cfg.task, cfg.seed, text=cfg.text, n_pairs=cfg.n_pairs, n_keys=cfg.n_keys, block=cfg.block
+    )
+
+
+def model_config(cfg: TrainConfig, task) -> ModelConfig:
+    kind = "decoder" if isinstance(task, CharLMTask) else (cfg.model or task.default_model)
+    if isinstance(task, CharLMTask) and cfg.model == "encdec":
+        raise ValueError("the charlm task needs model='decoder'")
+    return ModelConfig(
+        kind=kind,
+        vocab_size=len(task.vocab),
+        attention=cfg.attention,
+        d_model=cfg.d_model,
+        num_heads=cfg.num_heads,
+        num_layers=cfg.num_layers,
+        max_len=task.max_length(kind),
+        backend=cfg.backend,
+    )
+
+
+def run_config(cfg: TrainConfig, task, mcfg: ModelConfig) -> dict:
+    """What config.json records: enough to rebuild the model and its vocabulary."""
+    return {
+        "train": cfg.to_dict(),
+        "model": mcfg.to_dict(),
+        "task": task.describe(),
+        "task_kind": "lm" if isinstance(task, CharLMTask) else "seq",
+        "vocab": task.vocab.chars(),
+    }
+
+
+def _param_groups(model) -> list[dict]:
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    other = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": decay}, {"params": other, "weight_decay": 0.0}]
+
+
+def train(
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    threads: int | None = None,
+) -> dict:
+    """Train as ``cfg`` says, writing the run directory ``out``; returns the final metrics.
+
+    Args:
+        cfg: the run's settings.
+        out: run directory (created).
+        resume: continue from the newest checkpoint in ``out`` (the config must match).
+        progress: show a progress bar (process 0 only).
+        threads: torch CPU threads for this process (default: 1 under torchrun).
+
+    Raises:
+        TrainingDiverged: the loss became NaN or infinite; the last good checkpoint is kept.
+        ValueError: bad settings, or ``out`` holds a different run / a run without ``resume``.
+    """
+    info = ddp.init_distributed(cfg.device)
+    saved_threads = torch.get_num_threads()
+    try:
+        return _train(cfg, Path(out), resume, progress, threads, info)
+    finally:
+        torch.set_num_threads(saved_threads)  # callers in this process keep their setting
+        ddp.shutdown(info)
+
+
+def _train(cfg, out: Path, resume, progress, threads, info: ddp.DistInfo) -> dict:
+    if threads is None and info.distributed:
+        threads = 1  # N processes on N cores: one thread each avoids oversubscription
+    if threads is not None:
+        torch.set_num_threads(C.check_positive_int("threads", threads))
+    if cfg.batch_size % info.world_size:
+        raise ValueError(
+            f"batch_size={cfg.batch_size} must be divisible by the number of processes "
+            f"({info.world_size})"
+        )
+    task = build_task(cfg)
+    mcfg = model_config(cfg, task)
+    settings = run_config(cfg, task, mcfg)
+    ckpt = latest_checkpoint(out)
+    if out.exists() and (out / "config.json").exists():
+        saved = json.loads((out / "config.json").read_text())
+        if not resume:
+            raise ValueError(
+                f"{out} already holds a run; pass --resume to continue it or choose another --out"
+            )
+        if saved != settings:
+            diff = sorted(
+                k for k in cfg.to_dict() if saved.get("train", {}).get(k) != cfg.to_dict()[k]
+            )
+            raise ValueError(f"cannot resume {out}: its settings differ in {diff or 'the task'}")
+    elif info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "config.json", settings)
+    ddp.barrier(info)
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(mcfg).to(info.device)
+    opt = torch.optim.AdamW(
+        _param_groups(model), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
+    )
+    start, acc = 0, {"loss": 0.0, "steps": 0, "tokens": 0}
+    metrics_path = out / "metrics.jsonl"
+    if resume and ckpt is not None:
+        model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+        state = json.loads((ckpt / "state.json").read_text())
+        tensors = load_file(str(ckpt / "optimizer.safetensors"))
+        torch.set_rng_state(tensors.pop("rng.torch"))
+        _load_optimizer(opt, tensors, state["param_groups"])
+        start, acc = state["step"], state["acc"]
+    if info.is_main:
+        if start == 0:
+            metrics_path.write_text("", encoding="utf-8")
+        else:
+            _rewrite_metrics(metrics_path, start)
+    net = ddp.wrap(model, info)
+    val = task.eval_batches("val", cfg.eval_examples, 256, mcfg.kind)
+
+    def log(record: dict) -> None:
+        if info.is_main:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    bar = None
+    if progress and info.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.task}/{cfg.attention}", unit="step")
+    shard = cfg.batch_size // info.world_size
+    t0, tokens_t0 = time.perf_counter(), 0
+    model.train()
+    for step in range(start, cfg.steps):
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        full = task.train_batch(step, cfg.batch_size, mcfg.kind)
+        n_tokens = int((full.labels != IGNORE).sum())  # over the global batch
+        batch = full.rows(info.rank * shard, (info.rank + 1) * shard).to(info.device)
+        losses = _token_losses(forward_logits(net, batch), batch.labels)
+        # Sum over this shard / tokens of the whole batch, times the number of processes
+        # (DDP averages gradients): every process's gradient adds up to the global mean.
+        loss = losses.sum() * (info.world_size / n_tokens)
+        total = ddp.all_reduce_sum(losses.sum().detach().double().cpu().reshape(1), info)
+        step_loss = total.item() / n_tokens
+        if not math.isfinite(step_loss):
+            raise TrainingDiverged(_diverged_message("loss", step_loss, step, out))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if not math.isfinite(norm.item()):
+            raise TrainingDiverged(_diverged_message("gradient norm", norm.item(), step, out))
+        opt.step()
+        acc["loss"] += step_loss
+        acc["steps"] += 1
+        acc["tokens"] += int(full.inputs.numel())
+        tokens_t0 += int(full.inputs.numel())
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            elapsed = time.perf_counter() - t0
+            record = {
+                "step": done,
+                "split": "train",
+                "loss": acc["loss"] / acc["steps"],
+                "lr": lr,
+                "grad_norm": norm.item(),
+                "elapsed_s": elapsed,
+                "tokens_per_s": tokens_t0 / max(elapsed, 1e-9),
+            }
+            log(record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            acc = {"loss": 0.0, "steps": 0, "tokens": 0}
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            log({"step": done, "split": "val", **evaluate(model, val, info)})
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            if info.is_main:
+                save_checkpoint(out, done, model, opt, {"acc": acc})
+            ddp.barrier(info)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+
+    test = task.eval_batches("test", cfg.test_examples, 256, mcfg.kind)
+    results = {
+        "task": cfg.task,
+        "attention": cfg.attention,
+        "model": mcfg.kind,
+        "seed": cfg.seed,
+        "steps": cfg.steps,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "attention_parameters": attention_parameter_count(model),
+        "val": evaluate(model, val, info),
+        "test": evaluate(model, test, info),
+    }
+    if info.is_main:
+        log({"step": cfg.steps, "split": "test", **results["test"]})
+        _write_json(out / "results.json", results)
+    return results
+
+
+def _diverged_message(what: str, value: float, step: int, out: Path) -> str:
+    last = latest_checkpoint(out)
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+    return (
+        f"training diverged: the {what} became {value} at step {step + 1}; stopped without "
+        f"saving, {kept} (try a lower --lr or a smaller --grad-clip)"
+    )
