@@ -38,5 +38,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
+# The full benchmark (about 20 min on 2 cores); results go to benchmarks/results/.
+bench: $(STAMP)
+	$(BIN)/qkv bench
+
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

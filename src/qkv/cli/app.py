@@ -41,6 +41,9 @@ def _register_commands() -> None:
 
     explain.register(app)
     compare.register(app)
+    from . import bench
+
+    bench.register(app)
 
 
 _register_commands()

@@ -1,0 +1,653 @@
+"""Attention kernels side by side: every qkv backend, PyTorch SDPA, and a naive version.
+
+For each configuration (dtype x mode x causal x length L = S, shape (B, H, L, d)) the
+implementations below run in one process, interleaved (see :mod:`qkv.bench.timing`):
+
+* ``naive``: matmul, softmax, matmul written out here (materialises (B, H, L, S));
+* ``torch.sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` called directly;
+* ``qkv:<name>``: ``qkv.scaled_dot_product_attention(..., backend=name)`` for every
+  backend in the registry (so a newly registered one is picked up with no edit here).
+
+FLOP convention (stated in every output): forward = ``4 B H L S d`` (two matmuls of
+``2 L S d`` each per head), halved when causal whatever the kernel actually computes;
+forward+backward = 3.5 x forward (backward = 2.5 x forward: five matmuls instead of two).
+GFLOP/s is that useful work per second; "% peak" divides it by this machine's measured
+square-matmul rate in the same dtype.
+
+Implementations that materialise the score matrix are skipped where their estimated
+memory passes ``mem_limit_gib``; any implementation whose previous length extrapolates
+(x (L/L_prev)^2) past ``max_call_s`` per call is skipped; each skip records its reason.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..backends import backends as registered_backends
+from ..backends import choose_backend, make_request
+from ..functional import scaled_dot_product_attention
+from .timing import (
+    DTYPES,
+    MemoryMeter,
+    fmt_ms,
+    interleaved_timings,
+    machine_info,
+    matmul_peak_gflops,
+    torch_threads,
+    warm_up,
+)
+
+__all__ = ["AttentionBenchConfig", "Impl", "implementations", "run", "targets", "write_outputs"]
+
+MODES = ("fwd", "fwd+bwd")
+BWD_FACTOR = 3.5  # forward+backward FLOPs / forward FLOPs
+TARGET_BACKEND = "qkv:flash"
+SDPA = "torch.sdpa"
+TARGET_L = 4096
+
+
+@dataclass(frozen=True)
+class AttentionBenchConfig:
+    """What to run. Lengths are L = S; inputs are (batch, heads, L, head_dim).
+
+    Attributes:
+        lengths: sequence lengths, run in increasing order.
+        causal: which of causal off/on to run.
+        dtypes: names from ``float32``, ``bfloat16``, ``float16``.
+        modes: ``fwd`` and/or ``fwd+bwd``.
+        impls: only these implementation names (default: all).
+        max_reps, min_reps, budget_s: rounds per configuration (see ``interleaved_timings``).
+        max_call_s: skip an implementation whose extrapolated call time passes this.
+        mem_limit_gib: skip score-materialising implementations estimated above this.
+        check_max_len: up to this length, outputs are checked against a float64 reference
+            run; above it, against ``torch.sdpa`` in the same dtype.
+        min_sample_s: short calls are repeated so one timed sample lasts at least this.
+        threads: torch threads (default: leave torch's choice).
+        peak_sizes: square matmul sizes for the peak measurement.
+    """
+
+    lengths: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 16384)
+    causal: tuple[bool, ...] = (False, True)
+    dtypes: tuple[str, ...] = ("float32", "bfloat16")
+    modes: tuple[str, ...] = MODES
+    batch: int = 1
+    heads: int = 8
+    head_dim: int = 64
+    impls: tuple[str, ...] | None = None
+    max_reps: int = 5
+    min_reps: int = 3
+    budget_s: float = 20.0
+    max_call_s: float = 40.0
+    mem_limit_gib: float = 4.0
+    check_max_len: int = 1024
+    threads: int | None = None
+    min_sample_s: float = 0.05
+    peak_sizes: tuple[int, ...] = (1024, 2048)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "heads", "head_dim", "max_reps", "min_reps", "check_max_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.lengths or any(not isinstance(n, int) or n < 1 for n in self.lengths):
+            raise ValueError(f"lengths must be positive integers, got {self.lengths!r}")
+        bad = [d for d in self.dtypes if d not in DTYPES]
+        if bad or not self.dtypes:
+            raise ValueError(f"dtypes must be among {sorted(DTYPES)}, got {list(self.dtypes)}")
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise ValueError(f"modes must be among {list(MODES)}, got {list(self.modes)}")
+        if not self.causal or any(not isinstance(c, bool) for c in self.causal):
+            raise ValueError(f"causal must be a non-empty tuple of bools, got {self.causal!r}")
+        for name in ("budget_s", "max_call_s", "mem_limit_gib"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.min_reps > self.max_reps:
+            raise ValueError(f"min_reps={self.min_reps} > max_reps={self.max_reps}")
+        if not self.min_sample_s >= 0:
+            raise ValueError(f"min_sample_s must be >= 0, got {self.min_sample_s!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
+
+
+# ------------------------------------------------------------- implementations
+
+
+def naive_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+    """Textbook attention in the input dtype: (B, H, L, d) x3 -> (B, H, L, d)."""
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, L, S)
+    if causal:
+        L, S = scores.shape[-2:]
+        future = torch.ones(L, S, dtype=torch.bool).triu(S - L + 1)  # bottom-right aligned
+        scores = scores.masked_fill(future, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v  # (B, H, L, d)
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+    """PyTorch's fused kernel, called directly (L = S here, so its causal is ours)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One implementation: ``fn(q, k, v, causal) -> out``.
+
+    ``quadratic``: it materialises (B, H, L, S) score-sized buffers, so it is skipped
+    where those would pass the memory limit. ``supports(q, k, v, causal)`` returns
+    ``None`` or why it cannot run.
+    """
+
+    name: str
+    fn: Callable[[Tensor, Tensor, Tensor, bool], Tensor]
+    quadratic: bool = False
+    supports: Callable[[Tensor, Tensor, Tensor, bool], str | None] = lambda q, k, v, c: None
+
+
+def _qkv_impl(name: str) -> Impl:
+    backend = registered_backends()[name]
+
+    def fn(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+        return scaled_dot_product_attention(q, k, v, is_causal=causal, backend=name)
+
+    def supports(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> str | None:
+        return backend.supports(make_request(q, k, v, is_causal=causal))
+
+    # The reference is documented as O(L*S) memory; other backends are not assumed so.
+    return Impl(f"qkv:{name}", fn, quadratic=name == "reference", supports=supports)
+
+
+def implementations() -> list[Impl]:
+    """The comparators and every qkv backend available here, in that order."""
+    impls = [Impl("naive", naive_attention, quadratic=True), Impl(SDPA, sdpa_attention)]
+    names = [name for name, b in registered_backends().items() if b.available()]
+    return impls + [_qkv_impl(name) for name in names]
+
+
+def unavailable_backends() -> dict[str, str]:
+    """Registered backends that cannot run in this process (e.g. GPU-only), by name."""
+    return {n: b.description for n, b in registered_backends().items() if not b.available()}
+
+
+def flops(B: int, H: int, L: int, S: int, d: int, causal: bool, mode: str) -> float:
+    """Useful FLOPs of one call under the convention in the module docstring."""
+    fwd = 4 * B * H * L * S * d * (0.5 if causal else 1.0)
+    return fwd * (BWD_FACTOR if mode == "fwd+bwd" else 1.0)
+
+
+def _score_bytes_estimate(B: int, H: int, L: int, S: int, mode: str) -> int:
+    # float32 (B, H, L, S) buffers alive at once: scores, probabilities and a temporary
+    # in the forward; the backward adds the gradient of the scores and of the probabilities.
+    n_buffers = 3 if mode == "fwd" else 6
+    return n_buffers * B * H * L * S * 4
+
+
+# ------------------------------------------------------------------------- run
+
+
+def _max_abs(a: Tensor, b: Tensor) -> float:
+    return float((a.double() - b.double()).abs().max())
+
+
+def _check(got: tuple[Tensor, ...], want: tuple[Tensor, ...]) -> dict[str, float]:
+    names = ("out", "dq", "dk", "dv")
+    return {n: _max_abs(g, w) for n, g, w in zip(names, got, want, strict=False)}
+
+
+def run(cfg: AttentionBenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the grid; return everything as a JSON-ready dict."""
+    with torch_threads(cfg.threads):
+        return _run(cfg, log)
+
+
+def _run(cfg: AttentionBenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    machine = machine_info()
+    log(
+        f"machine: {machine['cpu_model']}, {machine['torch_threads']} threads, torch {machine['torch_version']}"
+    )
+    # The peak is measured before and after the grid and the higher figure is used: on a
+    # shared machine one measurement can fall in a busy moment and understate it.
+    peak_runs = {"start": _measure_peaks(cfg, log)}
+    meter = MemoryMeter()
+    impls = implementations()
+    if cfg.impls is not None:
+        unknown = sorted(set(cfg.impls) - {i.name for i in impls})
+        if unknown:
+            known = ", ".join(i.name for i in impls)
+            raise ValueError(f"impls: unknown names {unknown}; known: {known}")
+        impls = [i for i in impls if i.name in cfg.impls]
+
+    records: list[dict[str, Any]] = []
+    auto_choice: list[dict[str, Any]] = []
+    for dtype in cfg.dtypes:
+        for mode in cfg.modes:
+            for causal in cfg.causal:
+                gc.collect()  # cyclic garbage from earlier cases must not hold memory
+                state = _Series()
+                for L in sorted(cfg.lengths):
+                    recs, auto = _run_case(cfg, impls, meter, dtype, mode, causal, L, state)
+                    records += recs
+                    auto_choice.append({**_case_key(cfg, dtype, mode, causal, L), "auto": auto})
+                    line = [
+                        f"{r['impl']} {fmt_ms(r['median_ms'])} ms"
+                        for r in recs
+                        if r["status"] == "ok"
+                    ]
+                    log(f"{dtype} {mode}{' causal' if causal else ''} L={L}: " + ", ".join(line))
+
+    peak_runs["end"] = _measure_peaks(cfg, log)
+    peaks = {n: max(run[n] for run in peak_runs.values()) for n in cfg.dtypes}
+    for r in records:
+        if r["status"] == "ok":
+            r["pct_peak"] = 100 * r["gflops"] / peaks[r["dtype"]]
+    return {
+        "benchmark": "attention",
+        "config": asdict(cfg),
+        "machine": {
+            **machine,
+            "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        },
+        "matmul_peak_gflops": peaks,
+        "matmul_peak_runs": peak_runs,
+        "memory_method": (
+            "rise of VmHWM over VmRSS during the warm-up call, after malloc_trim(0) and a "
+            "VmHWM reset; includes outputs and gradients"
+            if meter.available
+            else "unavailable on this platform"
+        ),
+        "conventions": {
+            "flops_fwd": "4*B*H*L*S*d, halved when causal",
+            "flops_fwd_bwd": f"{BWD_FACTOR} x forward",
+            "time": "median over interleaved rounds; each sample averages n_inner calls",
+        },
+        "unavailable_backends": unavailable_backends(),
+        "auto_choice": auto_choice,
+        "results": records,
+        "targets": targets(records),
+        "elapsed_s": time.perf_counter() - t_start,
+    }
+
+
+@dataclass
+class _Series:
+    """What one series (dtype, mode, causal; increasing L) remembers between lengths."""
+
+    last: dict[str, tuple[int, float]] = field(default_factory=dict)  # impl -> (L, median s)
+    failed: dict[str, str] = field(default_factory=dict)  # impl -> why it is not run again
+
+
+def _case_key(cfg: AttentionBenchConfig, dtype: str, mode: str, causal: bool, L: int) -> dict:
+    B, H, d = cfg.batch, cfg.heads, cfg.head_dim
+    return dict(dtype=dtype, mode=mode, causal=causal, L=L, S=L, B=B, H=H, d=d)
+
+
+def _measure_peaks(cfg: AttentionBenchConfig, log: Callable[[str], None]) -> dict[str, float]:
+    peaks = {}
+    for name in cfg.dtypes:
+        peaks[name] = matmul_peak_gflops(DTYPES[name], sizes=cfg.peak_sizes)
+        log(f"matmul peak {name}: {peaks[name]:.1f} GFLOP/s")
+    return peaks
+
+
+def _run_case(cfg, impls, meter, dtype, mode, causal, L, state: _Series):
+    """Warm up, check and time every implementation on one case; records and auto's pick."""
+    key = _case_key(cfg, dtype, mode, causal, L)
+    g = torch.Generator().manual_seed(cfg.seed + L)
+    shape = (cfg.batch, cfg.heads, L, cfg.head_dim)  # (B, H, L, d); S = L
+    q, k, v, gout = (torch.randn(shape, generator=g).to(DTYPES[dtype]) for _ in range(4))
+    auto = choose_backend(make_request(q, k, v, is_causal=causal)).name
+    calls, skipped = {}, {}
+    for impl in impls:
+        reason = _skip_reason(impl, cfg, q, k, v, causal, mode, L, state)
+        if reason is None:
+            calls[impl.name] = _make_call(impl, q, k, v, gout, causal, mode)
+        else:
+            skipped[impl.name] = reason
+    first_s, mem, got, errors = {}, {}, {}, {}
+    with torch.no_grad() if mode == "fwd" else torch.enable_grad():
+        for name, call in list(calls.items()):
+            try:  # untimed warm-up: memory measurement and correctness check
+                got[name], mem[name], first_s[name] = warm_up(call, meter)
+            except (RuntimeError, ValueError, MemoryError) as err:
+                errors[name] = f"{type(err).__name__}: {err}"[:300]
+                state.failed[name] = f"failed at L={L}"
+                del calls[name]
+        want, against = _expected(cfg, q, k, v, gout, causal, mode, L, got)
+        checks = {n: _check(out, want) for n, out in got.items()} if want else {}
+        del got, want
+        timings = interleaved_timings(
+            calls,
+            first_call_s=first_s,
+            max_reps=cfg.max_reps,
+            min_reps=cfg.min_reps,
+            budget_s=cfg.budget_s,
+            min_sample_s=cfg.min_sample_s,
+        )
+    fl = flops(cfg.batch, cfg.heads, L, L, cfg.head_dim, causal, mode)
+    records = []
+    for impl in impls:
+        rec = {**key, "impl": impl.name}
+        if impl.name in skipped:
+            rec.update(status="skipped", reason=skipped[impl.name])
+        elif impl.name in errors:
+            rec.update(status="error", reason=errors[impl.name])
+        else:
+            t = timings[impl.name]
+            state.last[impl.name] = (L, t.median_s)
+            rec.update(
+                status="ok",
+                median_ms=t.median_s * 1e3,
+                min_ms=min(t.samples) * 1e3,
+                samples_ms=[x * 1e3 for x in t.samples],
+                n_inner=t.n_inner,
+                first_call_ms=t.first_call_s * 1e3,
+                gflops=fl / t.median_s / 1e9,
+                pct_peak=None,  # set once the peak is known (after the grid)
+                mem_extra_mib=None if mem[impl.name] is None else mem[impl.name] / 2**20,
+                check_against=against,
+                check_max_abs=checks.get(impl.name),
+            )
+        records.append(rec)
+    return records, auto
+
+
+def _skip_reason(impl, cfg, q, k, v, causal, mode, L, state: _Series) -> str | None:
+    if impl.name in state.failed:
+        return state.failed[impl.name]
+    try:
+        why = impl.supports(q, k, v, causal)
+    except (ValueError, TypeError) as err:
+        why = f"request rejected: {err}"
+    if why is not None:
+        return why
+    if impl.quadratic:
+        need = _score_bytes_estimate(cfg.batch, cfg.heads, L, L, mode)
+        if need > cfg.mem_limit_gib * 2**30:
+            return (
+                f"materialises (B, H, L, S): about {need / 2**30:.1f} GiB "
+                f"> limit {cfg.mem_limit_gib:g} GiB"
+            )
+    if impl.name in state.last:
+        L0, t0 = state.last[impl.name]
+        guess = t0 * (L / L0) ** 2
+        if guess > cfg.max_call_s:
+            return (
+                f"about {guess:.0f} s per call (from {t0:.1f} s at L={L0}) "
+                f"> limit {cfg.max_call_s:g} s"
+            )
+    return None
+
+
+def _make_call(impl: Impl, q, k, v, gout, causal: bool, mode: str) -> Callable[[], Any]:
+    if mode == "fwd":
+        return lambda: (impl.fn(q, k, v, causal),)
+    qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+
+    def fwd_bwd() -> tuple[Tensor, ...]:
+        for t in (qg, kg, vg):
+            t.grad = None  # every call allocates its gradients, as a training step does
+        out = impl.fn(qg, kg, vg, causal)
+        out.backward(gout)
+        return out.detach(), qg.grad, kg.grad, vg.grad
+
+    return fwd_bwd
+
+
+def _expected(cfg, q, k, v, gout, causal, mode, L, got):
+    """What every output is compared with: float64 reference (short) or SDPA (long)."""
+    if cfg.check_max_len >= L:
+        call = _make_call(
+            _qkv_impl("reference"), *(t.double() for t in (q, k, v, gout)), causal, mode
+        )
+        return call(), "float64 qkv reference"
+    if SDPA in got:
+        return got[SDPA], f"{SDPA} in the same dtype"
+    return None, None
+
+
+# --------------------------------------------------------------------- targets
+
+
+def _find(records, impl, **where) -> dict[str, Any] | None:
+    for r in records:
+        if r["impl"] == impl and r["status"] == "ok" and all(r[k] == v for k, v in where.items()):
+            return r
+    return None
+
+
+def targets(records: list[dict[str, Any]], L: int = TARGET_L) -> list[dict[str, Any]]:
+    """The issue's performance targets, computed from the measurements.
+
+    Speed ratios are ``SDPA ms / flash ms`` (higher is better); the memory ratio is
+    ``flash MiB / SDPA MiB`` (lower is better).
+    """
+    specs = [
+        ("float32 forward speed vs SDPA", "float32", "fwd", False, "speed", 0.9),
+        ("float32 forward+backward speed vs SDPA", "float32", "fwd+bwd", False, "speed", 0.8),
+        ("float32 causal forward speed vs SDPA", "float32", "fwd", True, "speed", 0.8),
+        ("float32 causal forward+backward speed vs SDPA", "float32", "fwd+bwd", True, "speed", 0.8),
+        ("float32 forward peak extra memory / SDPA's", "float32", "fwd", False, "memory", 2.0),
+        (
+            "float32 forward+backward peak extra memory / SDPA's",
+            "float32",
+            "fwd+bwd",
+            False,
+            "memory",
+            2.0,
+        ),
+        ("bfloat16 forward speed vs SDPA bfloat16", "bfloat16", "fwd", False, "speed", 1.5),
+    ]
+    out = []
+    for title, dtype, mode, causal, kind, goal in specs:
+        row = {"target": title, "L": L, "goal": goal, "kind": kind}
+        where = dict(dtype=dtype, mode=mode, causal=causal, L=L)
+        mine, ref = _find(records, TARGET_BACKEND, **where), _find(records, SDPA, **where)
+        if mine is None or ref is None:
+            missing = TARGET_BACKEND if mine is None else SDPA
+            row.update(ratio=None, met=None, note=f"not measured: no {missing} result here")
+        elif kind == "speed":
+            ratio = ref["median_ms"] / mine["median_ms"]
+            row.update(
+                ratio=ratio, met=ratio >= goal, ms=mine["median_ms"], sdpa_ms=ref["median_ms"]
+            )
+        else:
+            a, b = mine["mem_extra_mib"], ref["mem_extra_mib"]
+            ratio = None if a is None or not b else a / b
+            row.update(ratio=ratio, met=None if ratio is None else ratio <= goal, mib=a, sdpa_mib=b)
+        out.append(row)
+    return out
+
+
+# --------------------------------------------------------------------- outputs
+
+
+def _fmt_cell(r: dict[str, Any]) -> str:
+    if r["status"] != "ok":
+        return "—"
+    mem = "n/a" if r["mem_extra_mib"] is None else f"{r['mem_extra_mib']:.0f} MiB"
+    return f"{fmt_ms(r['median_ms'])} ms · {r['gflops']:.0f} GF/s ({r['pct_peak']:.0f}%) · {mem}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The report as markdown: machine, conventions, targets, one table per configuration."""
+    m, cfg = report["machine"], report["config"]
+    peaks = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in report["matmul_peak_gflops"].items())
+    lines = [
+        "# Attention benchmark",
+        "",
+        f"Machine: {m['cpu_model']}, {m['cpus_usable']} usable CPUs, {m['ram_gib']} GiB RAM; "
+        f"torch {m['torch_version']} ({m['torch_cpu_capability']}), {m['torch_threads']} threads; "
+        f"{m['started']}. Load average (1/5/15 min) at start {_load(m['load_average_at_start'])}, "
+        f"at end {_load(m['load_average_at_end'])}: the machine is shared, so expect noise; "
+        "every figure is a median of interleaved rounds.",
+        "",
+        f"Measured matmul peak (best square matmul, the higher of a measurement before and "
+        f"one after the grid): {peaks}. A figure above 100% means the machine was busier "
+        "while the peak was measured than during that case.",
+        "",
+        f"Shape: B={cfg['batch']}, H={cfg['heads']}, d={cfg['head_dim']}, S = L. "
+        f"FLOPs: forward {report['conventions']['flops_fwd']}; forward+backward "
+        f"{report['conventions']['flops_fwd_bwd']}. Cells: median time · useful GFLOP/s "
+        f"(% of the matmul peak in that dtype) · peak extra memory ({report['memory_method']}).",
+        "",
+        *(
+            [
+                "Registered backends not available here (not timed): "
+                + ", ".join(f"`{n}` ({d})" for n, d in report["unavailable_backends"].items())
+                + ".",
+                "",
+            ]
+            if report["unavailable_backends"]
+            else []
+        ),
+        "## Targets",
+        "",
+        f"`{TARGET_BACKEND}` against `{SDPA}` at L = S = {TARGET_L}; speed = SDPA time / flash "
+        "time (higher is better), memory = flash / SDPA (lower is better).",
+        "",
+        "| target | goal | measured | met |",
+        "|---|---|---|---|",
+    ]
+    for t in report["targets"]:
+        goal = f"≥ {t['goal']}x" if t["kind"] == "speed" else f"≤ {t['goal']}x"
+        if t["ratio"] is None:
+            lines.append(f"| {t['target']} | {goal} | {t.get('note', 'n/a')} | — |")
+            continue
+        if t["kind"] == "speed":
+            detail = f"{t['ratio']:.2f}x ({t['ms']:.0f} ms vs {t['sdpa_ms']:.0f} ms)"
+        else:
+            detail = f"{t['ratio']:.2f}x ({t['mib']:.0f} MiB vs {t['sdpa_mib']:.0f} MiB)"
+        lines.append(f"| {t['target']} | {goal} | {detail} | {'yes' if t['met'] else 'NO'} |")
+    records = report["results"]
+    impl_names = list(dict.fromkeys(r["impl"] for r in records))
+    for dtype in cfg["dtypes"]:
+        for mode in cfg["modes"]:
+            for causal in cfg["causal"]:
+                rows = [
+                    r
+                    for r in records
+                    if (r["dtype"], r["mode"], r["causal"]) == (dtype, mode, causal)
+                ]
+                if not rows:
+                    continue
+                title = f"{dtype}, {'forward' if mode == 'fwd' else 'forward+backward'}"
+                lines += ["", f"## {title}{', causal' if causal else ''}", ""]
+                lines.append("| L | " + " | ".join(f"`{n}`" for n in impl_names) + " |")
+                lines.append("|---|" + "---|" * len(impl_names))
+                for L in sorted({r["L"] for r in rows}):
+                    cells = {r["impl"]: _fmt_cell(r) for r in rows if r["L"] == L}
+                    lines.append(
+                        f"| {L} | " + " | ".join(cells.get(n, "") for n in impl_names) + " |"
+                    )
+                notes = [r for r in rows if r["status"] != "ok"]
+                by_reason: dict[tuple[str, str], list[int]] = {}
+                for r in notes:
+                    by_reason.setdefault((r["impl"], r["reason"].split(" (from")[0]), []).append(
+                        r["L"]
+                    )
+                if by_reason:
+                    lines.append("")
+                for (impl, reason), Ls in by_reason.items():
+                    status = (
+                        "failed"
+                        if any(r["status"] == "error" and r["impl"] == impl for r in notes)
+                        else "skipped"
+                    )
+                    lines.append(f"- `{impl}` {status} at L = {', '.join(map(str, Ls))}: {reason}")
+    picks: dict[str, list[str]] = {}
+    for a in report["auto_choice"]:
+        tag = f"{a['dtype']} {a['mode']}{' causal' if a['causal'] else ''} L={a['L']}"
+        picks.setdefault(a["auto"], []).append(tag)
+    summary = "; ".join(
+        f"`{name}` in {'all cases' if len(tags) == len(report['auto_choice']) else ', '.join(tags)}"
+        for name, tags in picks.items()
+    )
+    lines += [
+        "",
+        f'`backend="auto"` chose: {summary}.',
+        "",
+        f"Total benchmark time: {report['elapsed_s'] / 60:.1f} min. "
+        "Raw samples, correctness checks and `auto`'s choice per case: `attention.json`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _load(avg) -> str:
+    return "n/a" if avg is None else "/".join(f"{x:.1f}" for x in avg)
+
+
+def render_plot(report: dict[str, Any], path: Path) -> None:
+    """GFLOP/s and peak extra memory against L, one panel per dtype x mode x causal."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    cfg, records = report["config"], report["results"]
+    cols = [(m, c) for m in cfg["modes"] for c in cfg["causal"]]
+    rows = [(dt, what) for what in ("gflops", "mem_extra_mib") for dt in cfg["dtypes"]]
+    fig, axes = plt.subplots(
+        len(rows), len(cols), figsize=(4 * len(cols), 3 * len(rows)), squeeze=False
+    )
+    impl_names = list(dict.fromkeys(r["impl"] for r in records))
+    for i, (dtype, what) in enumerate(rows):
+        for j, (mode, causal) in enumerate(cols):
+            ax = axes[i][j]
+            for name in impl_names:
+                pts = [
+                    (r["L"], r[what])
+                    for r in records
+                    if r["impl"] == name
+                    and r["status"] == "ok"
+                    and r[what] is not None
+                    and (r["dtype"], r["mode"], r["causal"]) == (dtype, mode, causal)
+                ]
+                if pts:
+                    xs, ys = zip(*sorted(pts), strict=True)
+                    ax.plot(xs, ys, marker="o", label=name)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(cfg["lengths"], [str(n) for n in cfg["lengths"]], fontsize=7)
+            ax.minorticks_off()
+            if what == "mem_extra_mib":
+                ax.set_yscale("log")
+            ax.set_title(f"{dtype} {mode}{' causal' if causal else ''}", fontsize=9)
+            ax.set_xlabel("L = S")
+            ax.set_ylabel("GFLOP/s" if what == "gflops" else "peak extra MiB")
+            ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(
+        f"qkv attention benchmark: B={cfg['batch']}, H={cfg['heads']}, d={cfg['head_dim']} "
+        f"({report['machine']['cpu_model']}, {report['machine']['torch_threads']} threads)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(report: dict[str, Any], out_dir: Path, stem: str = "attention") -> list[Path]:
+    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` under ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"]
+    paths[0].write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
+    paths[1].write_text(render_markdown(report))
+    render_plot(report, paths[2])
+    return paths
+
+
+def _json_default(x: Any) -> Any:
+    return str(x)  # anything non-JSON (a dtype, a path) is written as text
