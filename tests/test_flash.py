@@ -24,7 +24,7 @@ def flash(**kwargs):
     return lambda q, k, v: qkv.scaled_dot_product_attention(q, k, v, backend="flash", **kwargs)
 
 
-def check(q, k, v, *, dtype=torch.float64, blocks=SMALL, **kwargs):
+def check_against_reference(q, k, v, *, dtype=torch.float64, blocks=SMALL, **kwargs):
     with flash_config(**blocks):
         return assert_matches_reference(flash(**kwargs), q, k, v, dtype=dtype, **kwargs)
 
@@ -36,7 +36,7 @@ def test_mask_kinds(kind, causal, dtype):
     B, H, H_kv, L = 2, 4, 2, 37
     q, k, v = make_qkv(B, H, H_kv, L=L, d_k=16, d_v=8)
     mask = make_mask(kind, B, H, L, L)
-    check(q, k, v, dtype=dtype, attn_mask=mask, is_causal=causal, enable_gqa=True)
+    check_against_reference(q, k, v, dtype=dtype, attn_mask=mask, is_causal=causal, enable_gqa=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -46,7 +46,7 @@ def test_half_precision_within_twice_reference(kind, causal, dtype):
     B, H, H_kv, L = 2, 4, 2, 45
     q, k, v = make_qkv(B, H, H_kv, L=L, d_k=16, d_v=8)
     mask = make_mask(kind, B, H, L, L)
-    check(q, k, v, dtype=dtype, attn_mask=mask, is_causal=causal, enable_gqa=True)
+    check_against_reference(q, k, v, dtype=dtype, attn_mask=mask, is_causal=causal, enable_gqa=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -68,8 +68,8 @@ def test_half_precision_inference_path(kind, dtype):
 def test_half_precision_default_tiles(dtype):
     """Default tile sizes with several key tiles per row (S > 512)."""
     q, k, v = make_qkv(1, 2, L=64, S=1100, d_k=32)
-    check(q, k, v, dtype=dtype, blocks={})
-    check(q, k, v, dtype=dtype, blocks={}, is_causal=True)
+    check_against_reference(q, k, v, dtype=dtype, blocks={})
+    check_against_reference(q, k, v, dtype=dtype, blocks={}, is_causal=True)
     with flash_config():
         assert_matches_reference(flash(), q, k, v, dtype=dtype, grads=False)
 
@@ -78,7 +78,7 @@ def test_half_precision_default_tiles(dtype):
 @pytest.mark.parametrize("causal", [False, True])
 def test_gqa_ratios(H_kv, causal):
     q, k, v = make_qkv(1, 8, H_kv, L=21, S=30, d_k=8)
-    check(q, k, v, dtype=torch.float32, is_causal=causal, enable_gqa=H_kv != 8)
+    check_against_reference(q, k, v, dtype=torch.float32, is_causal=causal, enable_gqa=H_kv != 8)
 
 
 def test_gqa_does_not_repeat_kv(monkeypatch):
@@ -99,7 +99,7 @@ def test_gqa_does_not_repeat_kv(monkeypatch):
 @pytest.mark.parametrize("L", [1, 7, 97, 1025])
 def test_odd_lengths_default_tiles(L):
     q, k, v = make_qkv(1, 2, L=L, d_k=16)
-    check(q, k, v, dtype=torch.float32, blocks={}, is_causal=L != 97)
+    check_against_reference(q, k, v, dtype=torch.float32, blocks={}, is_causal=L != 97)
 
 
 @pytest.mark.parametrize("L", [15, 16, 17])
@@ -108,8 +108,8 @@ def test_odd_lengths_default_tiles(L):
 def test_block_boundaries(L, S, causal):
     """Lengths one less than, equal to and one more than a tile (16 rows, 32 keys)."""
     q, k, v = make_qkv(1, 2, L=L, S=S, d_k=8)
-    check(q, k, v, blocks={"block_q": 16, "block_k": 32}, is_causal=causal)
-    check(q, k, v, blocks={"block_q": 16, "block_k": 32}, is_causal=causal, window=5)
+    check_against_reference(q, k, v, blocks={"block_q": 16, "block_k": 32}, is_causal=causal)
+    check_against_reference(q, k, v, blocks={"block_q": 16, "block_k": 32}, is_causal=causal, window=5)
 
 
 @pytest.mark.parametrize("L, S", [(5, 40), (40, 5), (17, 64), (64, 17), (1, 33), (33, 1)])
@@ -117,39 +117,39 @@ def test_block_boundaries(L, S, causal):
 def test_causal_and_window_with_unequal_lengths(L, S, window):
     """Bottom-right alignment; with L > S the top rows see no key (zeros, finite grads)."""
     q, k, v = make_qkv(2, 2, L=L, S=S, d_k=8)
-    check(q, k, v, is_causal=True, window=window)
+    check_against_reference(q, k, v, is_causal=True, window=window)
     if window is not None:
-        check(q, k, v, is_causal=False, window=window)
+        check_against_reference(q, k, v, is_causal=False, window=window)
 
 
 @pytest.mark.parametrize("window", [1, 3, 16, 100])
 def test_sliding_window_with_masks(window):
     q, k, v = make_qkv(2, 4, 2, L=50, d_k=8)
     mask = make_mask("bool_heads", 2, 4, 50, 50)
-    check(q, k, v, attn_mask=mask, window=window, is_causal=True, enable_gqa=True)
-    check(q, k, v, attn_mask=mask, window=window, enable_gqa=True)
+    check_against_reference(q, k, v, attn_mask=mask, window=window, is_causal=True, enable_gqa=True)
+    check_against_reference(q, k, v, attn_mask=mask, window=window, enable_gqa=True)
 
 
 def test_dv_differs_from_dk_and_scale():
     q, k, v = make_qkv(2, 3, L=19, S=41, d_k=24, d_v=5)
-    check(q, k, v, dtype=torch.float32, scale=0.3)
-    check(q, k, v, dtype=torch.bfloat16, scale=0.3)
+    check_against_reference(q, k, v, dtype=torch.float32, scale=0.3)
+    check_against_reference(q, k, v, dtype=torch.bfloat16, scale=0.3)
 
 
 def test_extra_batch_dims_and_3d_inputs():
     q, k, v = make_qkv(6, 4, 2, L=20, S=23, d_k=8)
     q, k, v = (t.unflatten(0, (2, 3)) for t in (q, k, v))  # (2, 3, H, L, d)
     mask = torch.rand(3, 1, 20, 23, generator=torch.Generator().manual_seed(3)) > 0.4
-    check(q, k, v, attn_mask=mask, enable_gqa=True)
+    check_against_reference(q, k, v, attn_mask=mask, enable_gqa=True)
     q3, k3, v3 = make_qkv(1, 4, L=20, d_k=8)
-    check(q3[0], k3[0], v3[0], is_causal=True)  # (H, L, d): no batch dimension at all
+    check_against_reference(q3[0], k3[0], v3[0], is_causal=True)  # (H, L, d): no batch dimension at all
 
 
 def test_non_contiguous_inputs():
     q, k, v = make_qkv(2, 4, L=30, d_k=8)
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
     assert not q.is_contiguous()
-    check(q, k, v, is_causal=True)
+    check_against_reference(q, k, v, is_causal=True)
 
 
 def test_all_rows_masked_gives_zeros_and_zero_grads():
@@ -172,7 +172,7 @@ def test_float_mask_with_large_values_and_neg_inf_rows():
     mask = torch.randn(1, 2, 12, 40, dtype=torch.float64) * 30  # scores far from 0
     mask[..., 3, :] = float("-inf")
     mask[..., 5, :20] = float("-inf")  # row empty in the first key tiles only
-    check(q, k, v, attn_mask=mask)
+    check_against_reference(q, k, v, attn_mask=mask)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
@@ -183,7 +183,7 @@ def test_many_key_tiles_merge_in_groups(monkeypatch, dtype):
     mask = make_mask("bool", 2, 4, 20, 150)
     mask[..., 4, :140] = False  # a row whose only keys sit in the last group
     kw = {"attn_mask": mask, "enable_gqa": True}
-    check(q, k, v, dtype=dtype, **kw)
+    check_against_reference(q, k, v, dtype=dtype, **kw)
     with flash_config(**SMALL):
         assert_matches_reference(flash(**kw), q, k, v, dtype=dtype, grads=False, **kw)
 
@@ -264,7 +264,7 @@ def test_worker_threads_match_the_calling_thread(heads):
     for a, b in zip(*runs, strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
     with flash_config(block_q=16, block_k=32, heads=heads, threads=3):
-        check(q, k, v, blocks={}, **kw)
+        check_against_reference(q, k, v, blocks={}, **kw)
 
 
 def test_worker_threads_leave_the_callers_thread_count_alone():

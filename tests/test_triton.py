@@ -70,7 +70,7 @@ def triton_fn(attn_mask=None, **kwargs):
     return fn
 
 
-def check(q, k, v, dtype, attn_mask=None, grads=True, **kwargs) -> dict[str, float]:
+def check_against_reference(q, k, v, dtype, attn_mask=None, grads=True, **kwargs) -> dict[str, float]:
     """Triton vs the reference (outputs and, with ``grads``, dq, dk, dv)."""
     fn = triton_fn(attn_mask=attn_mask, **kwargs)
     return assert_matches_reference(
@@ -97,7 +97,7 @@ CASES = [
 @pytest.mark.parametrize(("name", "shape", "kwargs"), CASES, ids=[c[0] for c in CASES])
 def test_matches_reference(name, shape, kwargs, dtype):
     q, k, v = make_qkv(**shape)
-    check(q, k, v, dtype, **kwargs)
+    check_against_reference(q, k, v, dtype, **kwargs)
 
 
 @pytest.mark.parametrize("kind", [k for k in MASK_KINDS if k != "none"])
@@ -106,14 +106,14 @@ def test_masks_with_gqa(kind):
     B, H, H_kv, L, S = 2, 4, 2, 7, 20
     q, k, v = make_qkv(B=B, H=H, H_kv=H_kv, L=L, S=S, d_k=16, d_v=24)
     mask = make_mask(kind, B, H, L, S)
-    check(q, k, v, torch.float32, attn_mask=mask, enable_gqa=True)
+    check_against_reference(q, k, v, torch.float32, attn_mask=mask, enable_gqa=True)
 
 
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_masks_fp16_with_causal(kind):
     B, H, L = 2, 2, 20
     q, k, v = make_qkv(B=B, H=H, L=L, d_k=16)
-    check(q, k, v, torch.float16, attn_mask=make_mask(kind, B, H, L, L), is_causal=True)
+    check_against_reference(q, k, v, torch.float16, attn_mask=make_mask(kind, B, H, L, L), is_causal=True)
 
 
 def test_batch_dims_and_broadcast_masks():
@@ -124,9 +124,9 @@ def test_batch_dims_and_broadcast_masks():
     m1 = torch.rand(2, 1, 1, 9, 18) > 0.3  # broadcast over the second batch dim and H
     m2 = torch.rand(1, 3, 2, 1, 18) > 0.2  # broadcast over the first batch dim and L
     for m in (m1, m2):
-        check(q, k, v, torch.float32, attn_mask=m, grads=False)
+        check_against_reference(q, k, v, torch.float32, attn_mask=m, grads=False)
     q1, k1, v1 = (t[0, 0] for t in (q, k, v))  # (H, L|S, d): no batch dims
-    check(q1, k1, v1, torch.float32, attn_mask=m1[0, 0, 0], is_causal=False)
+    check_against_reference(q1, k1, v1, torch.float32, attn_mask=m1[0, 0, 0], is_causal=False)
 
 
 def test_all_masked_rows_zero_output_finite_grads():
@@ -368,13 +368,13 @@ def test_sweep(d_k, L, S, kwargs, dtype):
     q, k, v = make_qkv(B=1, H=2, H_kv=1, L=L, S=S, d_k=d_k, seed=d_k + L)
     if "mask" in kwargs:
         kwargs["attn_mask"] = make_mask(kwargs.pop("mask"), 1, 2, L, S)
-    check(q, k, v, dtype, enable_gqa=True, **kwargs)
+    check_against_reference(q, k, v, dtype, enable_gqa=True, **kwargs)
 
 
 @pytest.mark.slow
 def test_head_width_256():
     q, k, v = make_qkv(B=1, H=1, L=20, d_k=256, d_v=200)
-    check(q, k, v, torch.float32, is_causal=True)
+    check_against_reference(q, k, v, torch.float32, is_causal=True)
 
 
 # --------------------------------------------------------------------------- GPU only
@@ -405,7 +405,7 @@ def test_gpu_matches_reference(dtype, d_k, kwargs):
     q, k, v = make_qkv(B=B, H=H, H_kv=H_kv, L=L, S=S, d_k=d_k, seed=d_k)
     if "mask" in kwargs:
         kwargs["attn_mask"] = make_mask(kwargs.pop("mask"), B, H, L, S)
-    check(q, k, v, dtype, enable_gqa=True, **kwargs)
+    check_against_reference(q, k, v, dtype, enable_gqa=True, **kwargs)
 
 
 @pytest.mark.gpu
