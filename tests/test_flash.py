@@ -109,7 +109,9 @@ def test_block_boundaries(L, S, causal):
     """Lengths one less than, equal to and one more than a tile (16 rows, 32 keys)."""
     q, k, v = make_qkv(1, 2, L=L, S=S, d_k=8)
     check_against_reference(q, k, v, blocks={"block_q": 16, "block_k": 32}, is_causal=causal)
-    check_against_reference(q, k, v, blocks={"block_q": 16, "block_k": 32}, is_causal=causal, window=5)
+    check_against_reference(
+        q, k, v, blocks={"block_q": 16, "block_k": 32}, is_causal=causal, window=5
+    )
 
 
 @pytest.mark.parametrize("L, S", [(5, 40), (40, 5), (17, 64), (64, 17), (1, 33), (33, 1)])
@@ -142,7 +144,9 @@ def test_extra_batch_dims_and_3d_inputs():
     mask = torch.rand(3, 1, 20, 23, generator=torch.Generator().manual_seed(3)) > 0.4
     check_against_reference(q, k, v, attn_mask=mask, enable_gqa=True)
     q3, k3, v3 = make_qkv(1, 4, L=20, d_k=8)
-    check_against_reference(q3[0], k3[0], v3[0], is_causal=True)  # (H, L, d): no batch dimension at all
+    check_against_reference(
+        q3[0], k3[0], v3[0], is_causal=True
+    )  # (H, L, d): no batch dimension at all
 
 
 def test_non_contiguous_inputs():

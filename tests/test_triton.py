@@ -70,7 +70,9 @@ def triton_fn(attn_mask=None, **kwargs):
     return fn
 
 
-def check_against_reference(q, k, v, dtype, attn_mask=None, grads=True, **kwargs) -> dict[str, float]:
+def check_against_reference(
+    q, k, v, dtype, attn_mask=None, grads=True, **kwargs
+) -> dict[str, float]:
     """Triton vs the reference (outputs and, with ``grads``, dq, dk, dv)."""
     fn = triton_fn(attn_mask=attn_mask, **kwargs)
     return assert_matches_reference(
@@ -113,7 +115,9 @@ def test_masks_with_gqa(kind):
 def test_masks_fp16_with_causal(kind):
     B, H, L = 2, 2, 20
     q, k, v = make_qkv(B=B, H=H, L=L, d_k=16)
-    check_against_reference(q, k, v, torch.float16, attn_mask=make_mask(kind, B, H, L, L), is_causal=True)
+    check_against_reference(
+        q, k, v, torch.float16, attn_mask=make_mask(kind, B, H, L, L), is_causal=True
+    )
 
 
 def test_batch_dims_and_broadcast_masks():
