@@ -413,7 +413,11 @@ def _train(cfg, out: Path, resume, progress, threads, info: ddp.DistInfo) -> dic
     mcfg = model_config(cfg, task)
     settings = run_config(cfg, task, mcfg)
     ckpt = latest_checkpoint(out)
-    if out.exists() and (out / "config.json").exists():
+    holds_run = out.exists() and (out / "config.json").exists()
+    # Every rank looks before rank 0 may write config.json below; otherwise a slower
+    # rank would find the fresh file and refuse the run as "already there".
+    ddp.barrier(info)
+    if holds_run:
         saved = json.loads((out / "config.json").read_text())
         if not resume:
             raise ValueError(
