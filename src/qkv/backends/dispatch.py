@@ -13,9 +13,12 @@ wins):
 AVX-512 CPU (B=1, H=8, d=64, 2 threads; figures in the ``"flash"`` report):
 
 * promote ``"flash"`` ahead of ``"torch"`` for CPU tensors when it is the faster one:
-  bfloat16/float16 inputs with at least ``PROMOTE_MIN_SCORES`` scores per head (it
-  runs its matmuls in bfloat16: 1.3-1.6x SDPA at 512-4096 tokens; float16, whose CPU
-  matmuls are slow here, it computes in float32: ~1.25x SDPA's float16), a sliding
+  bfloat16/float16 inference (no gradient needed) with ``PROMOTE_MIN_SCORES`` to
+  ``PROMOTE_MAX_SCORES`` scores per head (it runs its matmuls in bfloat16: 1.3-1.5x
+  SDPA at 2048-4096 tokens in benchmarks/results/attention.md, but slower at 512-1024,
+  even at 8192 and behind at 16384; float16, whose CPU matmuls are slow here, it
+  computes in float32: ~1.25x SDPA's float16 at 4096; for training it upcasts to
+  float32 and SDPA is 1.6-1.7x faster, so training stays on ``"torch"``), a sliding
   window (it skips the tiles outside the band; SDPA reads a dense mask: ~2.8x at 2048
   tokens, window 256), and causal attention with L != S without a user mask (SDPA needs
   a dense (L, S) mask for the bottom-right alignment);
@@ -48,8 +51,9 @@ logger = logging.getLogger("qkv")
 #: Backend names in the order ``"auto"`` tries them (before :func:`ordered`'s rules).
 PREFERENCE: list[str] = ["triton", "torch", "flash", "reference"]
 
-#: Scores per head (L * S) from which "flash" beats "torch" for half-precision inputs.
-PROMOTE_MIN_SCORES = 1 << 18
+#: Scores per head (L * S) between which "flash" beats "torch" for half-precision inference.
+PROMOTE_MIN_SCORES = 2048 * 2048
+PROMOTE_MAX_SCORES = 8192 * 8192
 #: Scores per head (L * S) from which "flash" serves weight requests before "reference".
 WEIGHTS_FLASH_MIN_SCORES = 1 << 18
 
@@ -66,7 +70,11 @@ def ordered(request: AttentionRequest) -> list[str]:
     demote: list[str] = []
     scores = r.L * r.S
     if r.device.type == "cpu" and not r.need_weights:
-        half = r.dtype in (torch.bfloat16, torch.float16) and scores >= PROMOTE_MIN_SCORES
+        half = (
+            r.dtype in (torch.bfloat16, torch.float16)
+            and not r.needs_grad
+            and PROMOTE_MIN_SCORES <= scores < PROMOTE_MAX_SCORES
+        )
         band = r.window is not None or (r.causal and r.L != r.S and r.attn_mask is None)
         if half or band:
             promote.append("flash")
