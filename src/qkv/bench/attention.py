@@ -566,23 +566,32 @@ def render_markdown(report: dict[str, Any]) -> str:
                         else "skipped"
                     )
                     lines.append(f"- `{impl}` {status} at L = {', '.join(map(str, Ls))}: {reason}")
-    picks: dict[str, list[str]] = {}
-    for a in report["auto_choice"]:
-        tag = f"{a['dtype']} {a['mode']}{' causal' if a['causal'] else ''} L={a['L']}"
-        picks.setdefault(a["auto"], []).append(tag)
-    summary = "; ".join(
-        f"`{name}` in {'all cases' if len(tags) == len(report['auto_choice']) else ', '.join(tags)}"
-        for name, tags in picks.items()
-    )
     lines += [
         "",
-        f'`backend="auto"` chose: {summary}.',
+        f'`backend="auto"` chose: {_auto_summary(report["auto_choice"])}.',
         "",
         f"Total benchmark time: {report['elapsed_s'] / 60:.1f} min. "
         "Raw samples, correctness checks and `auto`'s choice per case: `attention.json`.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _auto_summary(choices: list[dict[str, Any]]) -> str:
+    """``auto``'s picks, one phrase per dtype (per series only where they differ)."""
+    parts = []
+    for dtype in dict.fromkeys(c["dtype"] for c in choices):
+        mine = [c for c in choices if c["dtype"] == dtype]
+        names = set(c["auto"] for c in mine)
+        if len(names) == 1:
+            parts.append(f"{dtype}: `{names.pop()}` everywhere")
+            continue
+        series: dict[str, list[str]] = {}
+        for c in mine:
+            tag = f"{c['mode']}{' causal' if c['causal'] else ''}"
+            series.setdefault(tag, []).append(f"`{c['auto']}` at {c['L']}")
+        parts += [f"{dtype} {tag}: {', '.join(v)}" for tag, v in series.items()]
+    return "; ".join(parts)
 
 
 def _load(avg) -> str:

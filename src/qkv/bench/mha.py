@@ -88,7 +88,7 @@ class MHABenchConfig:
     impls: tuple[str, ...] | None = None
     max_reps: int = 5
     min_reps: int = 3
-    budget_s: float = 60.0
+    budget_s: float = 90.0
     long_round_s: float = 60.0
     threads: int | None = None
     min_sample_s: float = 0.05
