@@ -4,21 +4,32 @@ Opens the page from disk, picks a layer and head in the grid, hovers a token, an
 checks the weights the page highlights (each key's ``data-weight``) against the
 model's own weights. Saves screenshots under the test's tmp dir. Skips with a clear
 message where /usr/bin/chromium or Playwright is missing (``.ci/run`` installs chromium).
+
+A text holding ``<!--<script>`` and ``</script>`` must not break the page: the JSON
+embedded in its ``<script>`` block is checked here without a browser (no ``<``,
+``>`` or ``&`` left in it, and it parses back to the data), and in the browser (the
+page's script ran and shows the text as written).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from qkv.explain import explain, write_explorer
+from qkv.explain import explain, explorer_data, write_explorer
 from qkv.pretrained import load
 
 CHROMIUM = Path("/usr/bin/chromium")
 TEXT = "The bank of the river was muddy after the storm"
+# Everything that can end or hijack an inline <script>, plus a placeholder lookalike.
+# No "-->": it would close the comment-like parser state and hide the bug.
+HOSTILE = "bank <!--<script> a </script> b </SCRIPT > & \u2028 __DATA__ ]]>"
 ARGS = [
     "--headless",
     "--no-sandbox",
@@ -34,17 +45,43 @@ pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory):
+def model():
+    return load("all-MiniLM-L6-v2")
+
+
+def _embedded_json(page: str) -> str:
+    """The text of the page's data block, cut where an HTML parser would end it."""
+    start = page.index('<script type="application/json" id="qkv-data">')
+    body = page[start:].split(">", 1)[1]
+    return body[: re.search(r"</script", body, re.IGNORECASE).start()]
+
+
+def test_embedded_json_cannot_end_or_open_a_script(model, tmp_path):
+    expl = explain(model, HOSTILE, "bank")
+    page = write_explorer(expl, tmp_path / "explorer.html", model_name=model.name)
+    html = page.read_text(encoding="utf-8")
+    data = _embedded_json(html)
+    # No character that could start a tag or a comment, nor a raw line separator.
+    assert not set(data) & {"<", ">", "&", "\u2028", "\u2029"}
+    assert json.loads(data) == json.loads(json.dumps(explorer_data(expl, model.name)))
+    assert json.loads(data)["text"] == HOSTILE
+    # Exactly the template's two scripts: the user's text opened and closed none.
+    assert len(re.findall(r"<script\b", html, re.IGNORECASE)) == 2
+    assert len(re.findall(r"</script", html, re.IGNORECASE)) == 2
+    # The placeholder lookalike stays in the title as written, escaped.
+    title = re.search(r"<title>(.*?)</title>", html, re.DOTALL)[1]
+    assert "__DATA__" in title and "<" not in title and "{" not in title
+
+
+@contextlib.contextmanager
+def _browse(html: Path, root: Path):
+    """A headless Chromium showing ``html``; yields (page, requests, errors)."""
     if not CHROMIUM.exists():
         pytest.skip(
             f"Debian chromium not found at {CHROMIUM}: the explorer's browser test needs "
             "it (apt-get install -y chromium; .ci/run installs it when it can)"
         )
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
-    model = load("all-MiniLM-L6-v2")
-    expl = explain(model, TEXT, "bank")
-    root = tmp_path_factory.mktemp("explorer")
-    html = write_explorer(expl, root / "explorer.html", model_name=model.name)
     requests: list[str] = []
     errors: list[str] = []
     with sync_api.sync_playwright() as pw:
@@ -61,10 +98,31 @@ def page(tmp_path_factory):
             pg.on("pageerror", lambda e: errors.append(str(e)))
             pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             pg.goto(html.as_uri())
-            pg.wait_for_selector(".key[data-weight]")
-            yield pg, expl, root, requests, errors
+            pg.wait_for_selector(".key[data-weight]", timeout=30_000)
+            yield pg, requests, errors
         finally:
             context.close()
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory, model):
+    expl = explain(model, TEXT, "bank")
+    root = tmp_path_factory.mktemp("explorer")
+    html = write_explorer(expl, root / "explorer.html", model_name=model.name)
+    with _browse(html, root) as (pg, requests, errors):
+        yield pg, expl, root, requests, errors
+
+
+def test_hostile_text_leaves_the_page_working(model, tmp_path):
+    expl = explain(model, HOSTILE, "bank")
+    html = write_explorer(expl, tmp_path / "explorer.html", model_name=model.name)
+    with _browse(html, tmp_path) as (pg, requests, errors):
+        # The page script ran: it filled in the text (as typed) and the token view.
+        assert pg.text_content("#text") == f"\u201c{HOSTILE}\u201d"
+        assert pg.eval_on_selector_all(".query", "els => els.length") == len(expl.tokens)
+        assert pg.eval_on_selector_all("canvas.thumb", "els => els.length") > 1
+        assert errors == []
+        assert all(url.startswith("file://") for url in requests), requests
 
 
 def _key_weights(pg) -> torch.Tensor:

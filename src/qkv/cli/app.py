@@ -1,15 +1,20 @@
 """Entry point of the ``qkv`` command.
 
 Every command lives in its own module with a ``register(app)`` function; user
-mistakes (ValueError, TypeError, qkv's own errors) are printed as one line on
-stderr with exit status 2, never as a traceback.
+mistakes (:class:`~qkv.cli.errors.UsageError`, raised where a command checks its
+options, texts and files, and the library's ValueError/TypeError about its
+arguments) are printed as one line on stderr with exit status 2, never as a
+traceback. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 
 import typer
+
+from .errors import UsageError
 
 app = typer.Typer(
     name="qkv",
@@ -25,8 +30,8 @@ def _root() -> None:
     """Self-attention, step by step: from the untrained baseline to fast exact kernels."""
 
 
-class CLIError(Exception):
-    """A user-facing error: printed in one line, exit status 2."""
+#: The older name of :class:`UsageError`, kept for code that imports it from here.
+CLIError = UsageError
 
 
 def _register_commands() -> None:
@@ -44,17 +49,29 @@ def _register_commands() -> None:
     from . import bench
 
     bench.register(app)
+    from . import backends
+
+    backends.register(app)
 
 
 _register_commands()
+
+
+def _one_line(message: str) -> str:
+    """The message on one line: scripts and people both expect a single error line.
+
+    Some messages span lines (PyTorch's load_state_dict report, a path holding a
+    newline); their line breaks become " | " so nothing is lost.
+    """
+    return re.sub(r"\s*[\r\n]+\s*", " | ", message.strip()) or "(no message)"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (also used by the console script)."""
     try:
         app(args=argv, standalone_mode=False)
-    except (CLIError, ValueError, TypeError, FileNotFoundError) as err:
-        print(f"qkv: error: {err}", file=sys.stderr)
+    except (UsageError, ValueError, TypeError, FileNotFoundError) as err:
+        print(f"qkv: error: {_one_line(str(err))}", file=sys.stderr)
         return 2
     except typer.Exit as err:
         return err.exit_code
@@ -64,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         # Usage errors from the click that typer bundles (its module path is private).
         if hasattr(err, "format_message") and hasattr(err, "exit_code"):
-            print(f"qkv: error: {err.format_message()}", file=sys.stderr)
+            print(f"qkv: error: {_one_line(err.format_message())}", file=sys.stderr)
             return err.exit_code
         raise
     return 0

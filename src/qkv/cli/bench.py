@@ -17,6 +17,8 @@ from pathlib import Path
 
 import typer
 
+from .errors import check_out_dir, user_paths
+
 SUITES = ("attention", "mha", "all")
 
 
@@ -65,6 +67,8 @@ def run_bench(
     out_dir = (
         Path(out) if out is not None else Path("benchmarks/results") / ("quick" if quick else "")
     )
+    # Refused before the benchmark runs, not after minutes of timing.
+    check_out_dir("--out", out_dir)
     common = {}
     if threads is not None:
         common["threads"] = threads
@@ -127,22 +131,24 @@ def register(app: typer.Typer) -> None:
         out: str = typer.Option(None, help="Output folder (default benchmarks/results)."),
     ) -> None:
         """Time qkv's backends and modules beside PyTorch; write JSON, markdown, PNG."""
-        written = run_bench(
-            suite,
-            quick=quick,
-            lengths=lengths,
-            dtypes=dtypes,
-            modes=modes,
-            causal=causal,
-            impls=impls,
-            mha_impls=mha_impls,
-            mha_dtype=mha_dtype,
-            threads=threads,
-            budget_s=budget_s,
-            max_reps=max_reps,
-            max_call_s=max_call_s,
-            mem_limit_gib=mem_limit_gib,
-            out=out,
-        )
+        where = out if out is not None else "benchmarks/results"
+        with user_paths("--out", where):
+            written = run_bench(
+                suite,
+                quick=quick,
+                lengths=lengths,
+                dtypes=dtypes,
+                modes=modes,
+                causal=causal,
+                impls=impls,
+                mha_impls=mha_impls,
+                mha_dtype=mha_dtype,
+                threads=threads,
+                budget_s=budget_s,
+                max_reps=max_reps,
+                max_call_s=max_call_s,
+                mem_limit_gib=mem_limit_gib,
+                out=out,
+            )
         for path in written:
             print(f"wrote {path}")

@@ -1,4 +1,7 @@
-"""``qkv compare`` (one word in two sentences) and ``qkv similarity`` (sentence embeddings)."""
+"""``qkv compare`` (one word in two sentences) and ``qkv similarity`` (sentence embeddings).
+
+User text is escaped before rich prints it, so brackets are shown as typed.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..explain import WordComparison, compare_word, sentence_similarities
-from .explain import bar, console
+from .errors import UsageError
+from .explain import bar, check_baseline_finite, check_baseline_scale, console
 
 
 def _piece_note(label: str, cmp_side) -> str:
@@ -24,10 +28,10 @@ def _piece_note(label: str, cmp_side) -> str:
 
 
 def print_comparison(cmp: WordComparison, text_a: str, text_b: str, out: Console) -> None:
-    word = cmp.a.focus.word
+    word = escape(repr(cmp.a.focus.word))
     out.print(f"A: {escape(text_a)}\nB: {escape(text_b)}")
     out.print(f"[dim]{_piece_note('A', cmp.a)}; {_piece_note('B', cmp.b)}[/dim]")
-    table = Table(title=f"Cosine similarity of {word!r} in A and B", title_justify="left")
+    table = Table(title=f"Cosine similarity of {word} in A and B", title_justify="left")
     table.add_column("stage")
     table.add_column("cosine", justify="right")
     table.add_column("", no_wrap=True)
@@ -42,7 +46,7 @@ def print_comparison(cmp: WordComparison, text_a: str, text_b: str, out: Console
     first, last = float(cmp.cosines[0]), float(cmp.cosines[-1])
     trend = "drift apart" if last < first else "move closer"
     out.print(
-        f"The two {word!r} vectors {trend}: cosine {first:.4f} at the input, "
+        f"The two {word} vectors {trend}: cosine {first:.4f} at the input, "
         f"{last:.4f} after {cmp.labels[-1]}."
     )
 
@@ -87,10 +91,12 @@ def register(app: typer.Typer) -> None:
         for name, text in (("TEXT_A", text_a), ("TEXT_B", text_b)):
             if not text.strip():
                 raise ValueError(f"{name} is empty: give a sentence")
+        check_baseline_scale(baseline_scale)
         m = pretrained.load(model)
         cmp = compare_word(
             m, text_a, text_b, word, truncate=truncate, baseline_scale=baseline_scale
         )
+        check_baseline_finite(baseline_scale, cmp.a.vectors, cmp.b.vectors)
         print_comparison(cmp, text_a, text_b, console())
 
     @app.command("similarity")
@@ -112,5 +118,12 @@ def register(app: typer.Typer) -> None:
             if not s.strip():
                 raise ValueError(f"sentence {i + 1} is empty")
         m = pretrained.load(model)
+        for i, s in enumerate(sentences):
+            # A sentence of zero-width or control characters only is not blank to
+            # str.strip() but holds no word for the model: its embedding would be
+            # [CLS] and [SEP] alone, and its cosine meaningless.
+            pieces = m.tokenizer(s, truncate=True)
+            if all(w is None for w in pieces.word_ids):
+                raise UsageError(f"sentence {i + 1} has no words to compare (got {s!r})")
         sim = sentence_similarities(m, sentences, truncate=truncate)
         print_similarities(sim, sentences, console())

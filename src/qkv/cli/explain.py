@@ -4,16 +4,24 @@ Prints the tokens; where the focus word looks in each layer (head average and th
 most focused head) next to the untrained baseline; the full row of one layer beside
 the baseline's; how far each layer moved the word's vector. Writes PNG heatmaps and
 the HTML explorer under ``--out``. The numbers come from :mod:`qkv.explain`.
+
+Texts, words, tokens, model names and paths come from the user: they are escaped
+(or printed as :class:`~rich.text.Text`) so that ``[/x]`` is shown as typed instead
+of being read as rich markup. ``--out`` is checked before the model runs, and the
+system's refusal to write there becomes a one-line error naming ``--out``.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -25,6 +33,7 @@ from ..explain import (
     save_heatmaps,
     write_explorer,
 )
+from .errors import UsageError, check_out_dir, user_paths
 
 DEFAULT_OUT = Path("qkv-explain")
 
@@ -40,14 +49,43 @@ def bar(value: float, width: int = 20) -> str:
 
 
 def console() -> Console:
-    """A rich console; plain text, 120 columns, when output is not a terminal (pipes, tests)."""
-    return Console() if sys.stdout.isatty() else Console(width=120, color_system=None)
+    """A rich console; plain text, 120 columns, when output is not a terminal (pipes, tests).
+
+    Emoji codes are off: a user's ``:smile:`` is text to show, not a picture.
+    """
+    if sys.stdout.isatty():
+        return Console(emoji=False)
+    return Console(width=120, color_system=None, emoji=False)
+
+
+def check_baseline_scale(value: float) -> float:
+    """Refuse a ``--baseline-scale`` that is not a finite number > 0, naming the option.
+
+    The library would refuse it too, but its message names its own argument ("scale"),
+    which is not what the user typed.
+    """
+    if not math.isfinite(value) or value <= 0:
+        raise UsageError(f"--baseline-scale must be a finite number > 0, got {value}")
+    return value
+
+
+def check_baseline_finite(value: float, *results: torch.Tensor) -> None:
+    """Refuse a ``--baseline-scale`` so large that the baseline's numbers stopped being finite.
+
+    A huge scale makes the scaled dot products overflow to infinity, and the softmax of
+    infinities is NaN: printing those numbers would only hide the cause.
+    """
+    if not all(bool(torch.isfinite(t).all()) for t in results):
+        raise UsageError(
+            f"--baseline-scale {value:g} is too large: the baseline's scaled dot products "
+            "overflow and its weights are not finite numbers; use a smaller value"
+        )
 
 
 def _top(row, tokens: list[str], k: int) -> str:
     values, idx = row.topk(min(k, len(tokens)))
     return " · ".join(
-        f"{tokens[j]} {v:.2f}" for v, j in zip(values.tolist(), idx.tolist(), strict=True)
+        f"{escape(tokens[j])} {v:.2f}" for v, j in zip(values.tolist(), idx.tolist(), strict=True)
     )
 
 
@@ -77,10 +115,11 @@ def print_explanation(
         else f"tokens {pos[0]}-{pos[-1]} ({pieces}; their rows and vectors are averaged)"
     )
     more = f", first of {focus.occurrences} occurrences" if focus.occurrences > 1 else ""
-    out.print(f"Focus: [bold]{focus.word!r}[/bold] = {where}{more}\n")
+    word = escape(repr(focus.word))
+    out.print(f"Focus: [bold]{word}[/bold] = {escape(where)}{more}\n")
 
     table = Table(
-        title=f"Where {focus.word!r} looks, layer by layer (top {top})",
+        title=f"Where {word} looks, layer by layer (top {top})",
         title_justify="left",
     )
     table.add_column("stage")
@@ -103,7 +142,7 @@ def print_explanation(
     )
     self_w = float(expl.stages[0].mean_row[pos].sum())
     out.print(
-        f"[dim]Untrained baseline: {focus.word!r} puts {self_w:.2f} of its attention on itself "
+        f"[dim]Untrained baseline: {word} puts {self_w:.2f} of its attention on itself "
         "(plain dot products: a vector is most similar to itself).[/dim]\n"
     )
 
@@ -111,7 +150,7 @@ def print_explanation(
     row = st.mean_row if head is None else st.head_rows[head - 1]
     which = "head average" if head is None else f"head {head}"
     detail = Table(
-        title=f"Attention of {focus.word!r} on every token: untrained baseline vs layer {layer} ({which})",
+        title=f"Attention of {word} on every token: untrained baseline vs layer {layer} ({which})",
         title_justify="left",
     )
     detail.add_column("#", justify="right", style="dim")
@@ -124,7 +163,7 @@ def print_explanation(
     for j, t in enumerate(tokens):
         detail.add_row(
             str(j),
-            t,
+            Text(t),
             f"{float(base[j]):.4f}",
             bar(float(base[j])),
             f"{float(row[j]):.4f}",
@@ -133,7 +172,7 @@ def print_explanation(
     out.print(detail)
 
     moves = Table(
-        title=f"How far each stage moved {focus.word!r} from its input embedding x",
+        title=f"How far each stage moved {word} from its input embedding x",
         title_justify="left",
     )
     moves.add_column("stage")
@@ -178,32 +217,37 @@ def run(
         raise ValueError("text is empty: give a sentence to explain")
     if top < 1:
         raise ValueError(f"--top must be at least 1, got {top}")
+    check_baseline_scale(baseline_scale)
+    if out_dir is not None:
+        check_out_dir("--out", out_dir)
     model = pretrained.load(model_name, backend=backend)
     n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
     _check_range("--layer", layer, n_layers)
     _check_range("--head", head, n_heads)
     expl = explain(model, text, focus, truncate=truncate, baseline_scale=baseline_scale)
+    check_baseline_finite(baseline_scale, expl.baseline_weights, expl.baseline_context)
     layer = n_layers if layer is None else layer
     out.print(
-        f"[bold]{model.name}[/bold] on qkv attention: {n_layers} layers × {n_heads} heads, "
+        f"[bold]{escape(model.name)}[/bold] on qkv attention: {n_layers} layers × {n_heads} heads, "
         f"d_model={model.config.hidden_size}, backend={model.backend!r}"
         + (" [yellow](input truncated)[/yellow]" if expl.text.truncated else "")
     )
     print_explanation(expl, out, layer=layer, head=head, top=top)
     if out_dir is not None:
-        files = save_heatmaps(expl, out_dir, layer=layer, head=head)
-        if len(expl.tokens) <= MAX_EXPLORER_TOKENS:
-            page = write_explorer(expl, Path(out_dir) / "explorer.html", model_name=model.name)
-            files.append(page)
-        else:
+        with user_paths("--out", out_dir):
+            files = save_heatmaps(expl, out_dir, layer=layer, head=head)
+            if len(expl.tokens) <= MAX_EXPLORER_TOKENS:
+                page = write_explorer(expl, Path(out_dir) / "explorer.html", model_name=model.name)
+                files.append(page)
+        if len(expl.tokens) > MAX_EXPLORER_TOKENS:
             out.print(
                 f"[dim]No explorer page: it is made for texts up to {MAX_EXPLORER_TOKENS} tokens.[/dim]"
             )
-        out.print(f"\nWrote {len(files)} files to {Path(out_dir).resolve()}:")
+        out.print(f"\nWrote {len(files)} files to {escape(str(Path(out_dir).resolve()))}:")
         for f in files:
-            out.print(f"  {f}")
+            out.print(f"  {escape(str(f))}")
         if len(files) and files[-1].suffix == ".html":
-            out.print(f"Open the explorer in a browser: {files[-1].resolve().as_uri()}")
+            out.print(f"Open the explorer in a browser: {escape(files[-1].resolve().as_uri())}")
     return expl
 
 

@@ -1,8 +1,18 @@
-"""``qkv train``, ``qkv generate`` and ``qkv experiment``: learning the projections."""
+"""``qkv train``, ``qkv generate`` and ``qkv experiment``: learning the projections.
+
+Their folders and files are the user's: output folders are checked before any
+training, the system's refusals while reading or writing them become one-line
+errors naming the option, and damaged run files are reported by the trainer's
+:class:`~qkv.train.trainer.RunFileError`, which names the file.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+from .errors import UsageError, check_out_dir, check_read_file, user_paths
 
 
 def _train_cmd(app: typer.Typer) -> None:
@@ -43,8 +53,11 @@ def _train_cmd(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
         """Train a small transformer whose attention is fixed, qk or trainable."""
-        from ..train.trainer import TrainConfig, TrainingDiverged, train
+        from ..train.trainer import TrainConfig, TrainingDiverged, finished_results, train
 
+        check_out_dir("--out", out)
+        if text is not None:
+            check_read_file("--text", text)
         cfg = TrainConfig(
             task=task,
             attention=attention,
@@ -72,12 +85,14 @@ def _train_cmd(app: typer.Typer) -> None:
             backend=backend,
             device=device,
         )
+        was_finished = resume and finished_results(out, cfg.steps) is not None
         try:
-            results = train(cfg, out, resume=resume, progress=progress, threads=threads)
+            with user_paths("--out", out):
+                results = train(cfg, out, resume=resume, progress=progress, threads=threads)
         except TrainingDiverged as err:
-            from .app import CLIError
-
-            raise CLIError(str(err)) from err
+            raise UsageError(str(err)) from err
+        if was_finished:
+            typer.echo(f"{out} has already finished its {steps} steps: nothing to resume")
         t = results["test"]
         typer.echo(
             f"{task}/{attention} seed {seed}: test loss {t['loss']:.4f}, token accuracy "
@@ -98,8 +113,11 @@ def _generate_cmd(app: typer.Typer) -> None:
     ) -> None:
         """Generate with a trained model: a task's answer, or a text continuation."""
         from ..train.generate import generate_text, load_run
+        from ..train.trainer import check_run_files
 
-        run = load_run(checkpoint)
+        with user_paths("--checkpoint", checkpoint):
+            check_run_files(checkpoint)  # a damaged file is named, not a traceback
+            run = load_run(checkpoint)
         typer.echo(
             generate_text(
                 run,
@@ -134,16 +152,21 @@ def _experiment_cmd(app: typer.Typer) -> None:
         """
         from ..train.experiment import run_experiment
 
-        summary = run_experiment(
-            quick=quick,
-            out=out,
-            work=work,
-            jobs=jobs,
-            seeds=seeds,
-            tasks=None if tasks is None else [t.strip() for t in tasks.split(",") if t.strip()],
-            progress=progress,
-            against=against,
-        )
+        for option, folder in (("--out", out), ("--work", work)):
+            if folder is not None:
+                check_out_dir(option, folder)
+        where = Path(out or ("out/experiment-quick" if quick else "experiments/results"))
+        with user_paths("--out/--work", where):
+            summary = run_experiment(
+                quick=quick,
+                out=out,
+                work=work,
+                jobs=jobs,
+                seeds=seeds,
+                tasks=None if tasks is None else [t.strip() for t in tasks.split(",") if t.strip()],
+                progress=progress,
+                against=against,
+            )
         typer.echo(summary["table_markdown"])
         typer.echo(f"results written to {summary['out']}")
         check = summary.get("check")

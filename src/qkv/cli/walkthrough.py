@@ -1,10 +1,16 @@
-"""``qkv walkthrough [TEXT]``: print each step of self-attention with shapes and numbers."""
+"""``qkv walkthrough [TEXT]``: print each step of self-attention with shapes and numbers.
+
+The words come from the user, so they are printed as plain :class:`~rich.text.Text`
+(or escaped): a word like ``[/x]`` or ``:smile:`` is shown as typed, never read as
+rich markup or an emoji code.
+"""
 
 from __future__ import annotations
 
 import typer
 from rich import box
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 from torch import Tensor
@@ -18,9 +24,9 @@ def _matrix(title: str, m: Tensor, rows: list[str], cols: list[str] | None = Non
     cols = cols or [str(j) for j in range(m.shape[1])]
     table.add_column("")
     for c in cols:
-        table.add_column(c, justify="right")
+        table.add_column(Text(c), justify="right")
     for name, row in zip(rows, m.tolist(), strict=True):
-        table.add_row(name, *(f"{val:.4f}" for val in row))
+        table.add_row(Text(name), *(f"{val:.4f}" for val in row))
     return Group(Text.from_markup(f"[bold cyan]{title}[/]  [dim]({shape})[/dim]"), table)
 
 
@@ -29,7 +35,7 @@ def run(text: str, seed: int, d_model: int, d_k: int, d_v: int, console: Console
     t = w.tokens
     say = console.print
     say(
-        f"[bold]Input:[/bold] {len(t)} tokens {t}, embeddings of width d_model={d_model} (seed {seed})"
+        f"[bold]Input:[/bold] {len(t)} tokens {escape(str(t))}, embeddings of width d_model={d_model} (seed {seed})"
     )
     say(_matrix("Step 1 · input embeddings x", w.x, t))
     say(
@@ -65,4 +71,4 @@ def register(app: typer.Typer) -> None:
         d_v: int = typer.Option(3, help="Value width."),
     ) -> None:
         """Print each step of self-attention, baseline then projections, for TEXT."""
-        run(text, seed, d_model, d_k, d_v, Console(width=120))
+        run(text, seed, d_model, d_k, d_v, Console(width=120, emoji=False))

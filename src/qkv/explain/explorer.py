@@ -11,17 +11,25 @@ Two views, in the spirit of bertviz's model view and head view:
 
 Layers are numbered from 1 (0 is the baseline) and heads from 1, as on the command
 line. The weights are embedded as JSON, rounded to 7 decimals (float32 precision).
+
+The JSON sits inside a ``<script>`` element, where the HTML parser looks for
+``</script>`` and, after ``<!--``, for ``<script>`` too (the "double-escaped" state,
+in which the real closing tag no longer closes). The user's text could hold any of
+them, so :func:`script_json` writes ``<``, ``>`` and ``&`` as JSON's ``\u003c``,
+``\u003e`` and ``\u0026``: the parser then sees no tag at all, and ``JSON.parse``
+reads the same characters back.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 
 from .analysis import Explanation
 
-__all__ = ["MAX_EXPLORER_TOKENS", "explorer_data", "write_explorer"]
+__all__ = ["MAX_EXPLORER_TOKENS", "explorer_data", "script_json", "write_explorer"]
 
 #: Longer texts would make the page huge (layers x heads x L x L numbers).
 MAX_EXPLORER_TOKENS = 128
@@ -52,6 +60,30 @@ def explorer_data(expl: Explanation, model_name: str) -> dict:
     }
 
 
+# Characters that may not appear as such inside an inline <script>: the three that
+# can form a tag or an HTML comment, and the two line separators that very old
+# JavaScript parsers refuse in string literals.
+_SCRIPT_UNSAFE = {
+    "<": "\\u003c",
+    ">": "\\u003e",
+    "&": "\\u0026",
+    "\u2028": "\\u2028",
+    "\u2029": "\\u2029",
+}
+_SCRIPT_UNSAFE_RE = re.compile("[<>&\u2028\u2029]")
+
+
+def script_json(obj) -> str:
+    """``obj`` as JSON that is safe to paste between ``<script>`` and ``</script>``.
+
+    Outside of strings ``json.dumps`` never writes these characters, so every
+    replacement lands inside a string literal, where the ``\\uXXXX`` form stands
+    for the same character: ``JSON.parse`` gives back exactly ``obj``.
+    """
+    data = json.dumps(obj, separators=(",", ":"))
+    return _SCRIPT_UNSAFE_RE.sub(lambda m: _SCRIPT_UNSAFE[m.group()], data)
+
+
 def write_explorer(expl: Explanation, path: str | Path, *, model_name: str) -> Path:
     """Write the explorer page for ``expl`` to ``path`` (parent folders are created)."""
     if len(expl.tokens) > MAX_EXPLORER_TOKENS:
@@ -59,11 +91,13 @@ def write_explorer(expl: Explanation, path: str | Path, *, model_name: str) -> P
             f"the explorer page is made for texts up to {MAX_EXPLORER_TOKENS} tokens; "
             f"this one has {len(expl.tokens)}"
         )
-    data = json.dumps(explorer_data(expl, model_name), separators=(",", ":"))
-    # "</" inside a <script> would end it early; JSON allows the escaped form.
-    data = data.replace("</", "<\\/")
-    title = f"qkv explorer · {model_name} · {expl.text.text[:60]}"
-    page = _TEMPLATE.replace("__TITLE__", html.escape(title)).replace("__DATA__", data)
+    fill = {
+        "__TITLE__": html.escape(f"qkv explorer · {model_name} · {expl.text.text[:60]}"),
+        "__DATA__": script_json(explorer_data(expl, model_name)),
+    }
+    # One pass over the template: a text that itself reads "__DATA__" lands in the
+    # title as written instead of being replaced in turn.
+    page = re.sub("__TITLE__|__DATA__", lambda m: fill[m.group()], _TEMPLATE)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")

@@ -67,7 +67,10 @@ class Tokenizer:
     def __init__(self, path: str | Path, *, max_length: int = 512) -> None:
         from tokenizers import Tokenizer as _HFTokenizer
 
-        self._tok = _HFTokenizer.from_file(str(path))
+        try:
+            self._tok = _HFTokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises a bare Exception for a bad file
+            raise ValueError(f"{path} is not a readable tokenizer file ({err})") from None
         self._tok.no_truncation()
         self._tok.no_padding()
         self.max_length = max_length

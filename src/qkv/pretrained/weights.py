@@ -90,9 +90,16 @@ def load_weights(module: nn.Module, path: str | Path) -> None:
     Every parameter must be filled and every shape must match: anything else raises
     ``ValueError`` naming the tensors, rather than leaving random weights behind.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    tensors: dict[str, Tensor] = load_file(str(path))
+    try:
+        tensors: dict[str, Tensor] = load_file(str(path))
+    except SafetensorError as err:
+        # A model directory is the user's; a cut-off download is the likely cause.
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({err}); it may be truncated"
+        ) from None
     mapped: dict[str, Tensor] = {}
     for hf_name, tensor in tensors.items():
         name = qkv_name(hf_name)

@@ -173,6 +173,9 @@ def run_experiment(
             (see :func:`quick_check`); the verdict is in ``summary["check"]``.
     """
     plan = QUICK if quick else FULL
+    # Read the reference before training, so a damaged file fails in a second, not
+    # after the runs.
+    full_results = read_against(against) if quick and against is not None else None
     if jobs < 1:
         raise ValueError(f"jobs must be a positive integer, got {jobs}")
     out = Path(out or ("out/experiment-quick" if quick else "experiments/results"))
@@ -261,8 +264,8 @@ def run_experiment(
         curves=curves,
         out=str(out),
     )
-    if quick and against is not None and Path(against).exists():
-        ok, why = quick_check(summary, json.loads(Path(against).read_text()))
+    if full_results is not None:
+        ok, why = quick_check(summary, full_results)
         summary["check"] = {"ok": ok, "against": str(against), "message": why}
     summary["table_markdown"] = table_markdown(summary)
     (out / "results.json").write_text(
@@ -483,6 +486,48 @@ def _plot_attention(task: str, work: Path, path: Path, variants=VARIANTS) -> Non
     plt.close(fig)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_against(path: str | Path) -> dict | None:
+    """The full run's results.json that ``--quick`` is checked against; ``None`` if absent.
+
+    The file is the user's (``--against``), so it is checked here for what
+    :func:`quick_check` reads, and a damaged one is refused with a ValueError naming
+    it instead of a KeyError after the training.
+    """
+    p = Path(path)
+    if not p.exists():
+        return None
+    try:
+        full = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--against {p} is not valid JSON ({err})") from None
+    except OSError as err:
+        raise ValueError(f"--against {p}: {err.strerror or err}") from None
+    bad = ValueError(f"--against {p} is not a results.json written by qkv experiment")
+    if not isinstance(full, dict):
+        raise bad
+    table, gains = full.get("table", {}), full.get("gains", {})
+    if not isinstance(table, dict) or not isinstance(gains, dict):
+        raise bad
+    for task, row in table.items():
+        gain = gains.get(task)
+        if not isinstance(gain, dict) or not _is_number(gain.get("trainable-fixed")):
+            raise bad
+        for variant in ("fixed", "trainable"):
+            stats = row.get(variant) if isinstance(row, dict) else None
+            if not (
+                isinstance(stats, dict)
+                and _is_number(stats.get("std"))
+                and isinstance(stats.get("values"), list)
+                and all(_is_number(v) for v in stats["values"])
+            ):
+                raise bad
+    return full
+
+
 def quick_check(quick: dict, full: dict) -> tuple[bool, str]:
     """Does the quick run show the full run's effect? Returns ``(ok, explanation)``.
 
@@ -507,6 +552,10 @@ def quick_check(quick: dict, full: dict) -> tuple[bool, str]:
     ok = gain_f > 0 and gain_q >= need
     for v in ("fixed", "trainable"):
         for i, val in enumerate(q[v]["values"]):
+            if i >= len(f[v]["values"]):
+                ok = False
+                lines.append(f"{v} seed {i}: the full results have no such seed")
+                continue
             ref = f[v]["values"][i]
             if abs(val - ref) > 0.02 * abs(ref):
                 ok = False

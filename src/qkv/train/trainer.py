@@ -19,6 +19,16 @@ Why resuming is exact: the batch of step ``t`` is a pure function of ``(seed, t)
 checkpoint restores weights, AdamW's moments, the RNG state and the running loss
 of the current logging interval. A resumed run therefore performs the same float
 operations as an uninterrupted one (on the same machine and thread count).
+
+The files of a run folder are the user's: they may be truncated, edited, or come
+from another run. Everything read back is checked first (JSON keys, tensor names
+and shapes), and a file that does not fit raises :class:`RunFileError` naming it,
+never a KeyError or a shape error from deep inside PyTorch.
+
+A process killed while writing leaves its temporary file or folder behind (their
+names end in ``.tmp-<pid>``). A run folder belongs to one training at a time, so
+when a run starts or resumes, such leftovers are from a dead process whatever
+their pid, and are removed.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields
@@ -33,6 +44,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -44,9 +56,12 @@ from .variants import check_variant
 
 __all__ = [
     "TIMING_KEYS",
+    "RunFileError",
     "TrainConfig",
     "TrainingDiverged",
+    "check_run_files",
     "evaluate",
+    "finished_results",
     "latest_checkpoint",
     "lr_at",
     "read_metrics",
@@ -59,6 +74,14 @@ TIMING_KEYS = ("elapsed_s", "tokens_per_s")
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm stopped being finite."""
+
+
+class RunFileError(ValueError):
+    """A file of a run folder cannot be read back: damaged, edited, or another model's.
+
+    A ValueError because the fix is the user's (another folder, another checkpoint),
+    like any other bad argument; the message names the file.
+    """
 
 
 @dataclass(frozen=True)
@@ -241,12 +264,117 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+_CHECKPOINT_NAME = re.compile(r"step_(\d+)")
+# What save_checkpoint and _write_json name their work in progress (see the module
+# docstring); nothing else in a run folder is ever deleted as a leftover.
+_TMP_CHECKPOINT = re.compile(r"\.tmp-step_\d+-\d+")
+_TMP_FILE = re.compile(r"\.(config\.json|metrics\.jsonl|results\.json|state\.json)\.tmp-\d+")
+
+
 def _checkpoints(out: Path) -> list[Path]:
     root = out / "checkpoints"
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")]
+    done = [p for p in root.iterdir() if p.is_dir() and _CHECKPOINT_NAME.fullmatch(p.name)]
     return sorted(done, key=lambda p: int(p.name.removeprefix("step_")))
+
+
+def remove_stale_temporaries(out: str | Path) -> list[Path]:
+    """Delete the temporary files and folders that killed writers left in run folder ``out``.
+
+    Only names of the form this module writes are touched, whatever pid they carry;
+    call it only while no other process writes to ``out``. Returns what was removed.
+    """
+    out = Path(out)
+    removed: list[Path] = []
+    if out.is_dir():
+        removed += [p for p in out.iterdir() if p.is_file() and _TMP_FILE.fullmatch(p.name)]
+    root = out / "checkpoints"
+    if root.is_dir():
+        removed += [p for p in root.iterdir() if _TMP_CHECKPOINT.fullmatch(p.name)]
+    for p in removed:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return removed
+
+
+def _read_json(path: Path, keys: tuple[str, ...] = ()) -> dict:
+    """A JSON object from a run folder, with at least ``keys``; else :class:`RunFileError`."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunFileError(f"{path} is missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunFileError(f"{path} is not valid JSON ({err}); the file is damaged") from None
+    if not isinstance(obj, dict):
+        raise RunFileError(f"{path} should hold a JSON object, not {type(obj).__name__}")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise RunFileError(f"{path} lacks {missing}: it is damaged or was not written by qkv")
+    return obj
+
+
+def _read_tensors(path: Path, like: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """The tensors of a safetensors file; with ``like``, exactly its names and shapes."""
+    try:
+        tensors = load_file(str(path))
+    except FileNotFoundError:
+        raise RunFileError(f"{path} is missing") from None
+    except SafetensorError as err:
+        raise RunFileError(
+            f"{path} is not a readable safetensors file ({err}); it may be truncated"
+        ) from None
+    if like is not None:
+        missing, extra = sorted(set(like) - set(tensors)), sorted(set(tensors) - set(like))
+        if missing or extra:
+            raise RunFileError(
+                f"{path} holds another model's weights: missing {missing[:3]}, "
+                f"unexpected {extra[:3]}"
+            )
+        for name, t in tensors.items():
+            if t.shape != like[name].shape:
+                raise RunFileError(
+                    f"{path} holds another model's weights: {name} is "
+                    f"{tuple(t.shape)}, this model's is {tuple(like[name].shape)}"
+                )
+    return tensors
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_run_files(path: str | Path) -> None:
+    """Check that a run folder (or one of its checkpoints) can be loaded for generation.
+
+    Reads config.json and the newest ``model.safetensors`` as
+    :func:`qkv.train.generate.load_run` will, and raises :class:`RunFileError`
+    naming the file that is damaged or does not fit the model config.json describes.
+    A path that holds no run at all is left for ``load_run`` to refuse.
+    """
+    path = Path(path)
+    ckpt = path if (path / "model.safetensors").exists() else latest_checkpoint(path)
+    if ckpt is None:
+        return
+    run_dir = path if ckpt is not path else path.parent.parent
+    if not (run_dir / "config.json").exists():
+        return
+    config = _read_json(run_dir / "config.json", keys=("model", "vocab", "task_kind"))
+    if not isinstance(config["model"], dict):
+        raise RunFileError(f"{run_dir / 'config.json'}: 'model' should be a JSON object")
+    try:
+        mcfg = ModelConfig(**config["model"])
+    except (TypeError, ValueError) as err:  # the user's file, checked by ModelConfig
+        raise RunFileError(f"{run_dir / 'config.json'}: bad model settings ({err})") from None
+    if not isinstance(config["vocab"], list):
+        raise RunFileError(f"{run_dir / 'config.json'}: 'vocab' should be a JSON list")
+    _read_tensors(ckpt / "model.safetensors", like=build_model(mcfg).state_dict())
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -268,6 +396,47 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], l
         for g in sd["param_groups"]
     ]
     return tensors, groups
+
+
+def _check_optimizer_files(
+    ckpt: Path, opt: torch.optim.Optimizer, tensors: dict[str, Tensor], groups
+) -> None:
+    """Refuse optimizer state that does not fit ``opt`` (RunFileError naming the file).
+
+    ``load_state_dict`` would otherwise fail with a message about parameter groups,
+    or worse, accept moments of the wrong shape and fail at the next step.
+    """
+    mine = opt.state_dict()["param_groups"]
+    where = ckpt / "state.json"
+    if not isinstance(groups, list) or len(groups) != len(mine):
+        raise RunFileError(f"{where}: 'param_groups' does not fit this model's optimizer")
+    for got, want in zip(groups, mine, strict=True):
+        # Extra keys are left to torch (another version may store more); these are
+        # the ones AdamW's step reads and that would otherwise fail mid-run.
+        if (
+            not isinstance(got, dict)
+            or got.get("params") != want["params"]
+            or not all(_is_number(got.get(k)) for k in ("lr", "eps", "weight_decay"))
+            or not (
+                isinstance(got.get("betas"), list)
+                and len(got["betas"]) == 2
+                and all(_is_number(b) for b in got["betas"])
+            )
+        ):
+            raise RunFileError(f"{where}: 'param_groups' does not fit this model's optimizer")
+    params = [p for g in opt.param_groups for p in g["params"]]
+    where = ckpt / "optimizer.safetensors"
+    for key, t in tensors.items():
+        parts = key.split(".", 2)
+        if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit():
+            raise RunFileError(f"{where}: unexpected tensor {key!r}")
+        idx, name = int(parts[1]), parts[2]
+        if idx >= len(params) or name not in ("step", "exp_avg", "exp_avg_sq"):
+            raise RunFileError(f"{where}: unexpected tensor {key!r}")
+        if name != "step" and t.shape != params[idx].shape:
+            raise RunFileError(
+                f"{where}: {key} is {tuple(t.shape)}, the parameter is {tuple(params[idx].shape)}"
+            )
 
 
 def _load_optimizer(
@@ -308,22 +477,29 @@ def save_checkpoint(out: Path, step: int, model, opt, extra: dict, keep: int = 2
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a metrics.jsonl file (a torn last line is skipped)."""
+    """The records of a metrics.jsonl file (a torn last line, and what follows, is skipped)."""
     records = []
     p = Path(path)
     if not p.exists():
         return records
-    for line in p.read_text(encoding="utf-8").splitlines():
+    for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             break  # the process died while writing this line
+        if not isinstance(record, dict) or not _is_int(record.get("step", 0)):
+            break  # not a line this module wrote: the file was damaged here
+        records.append(record)
     return records
 
 
 def _rewrite_metrics(path: Path, upto: int) -> None:
-    """Keep the records of steps <= ``upto``: later ones are redone by the resumed run."""
-    kept = [r for r in read_metrics(path) if r.get("step", 0) <= upto]
+    """Keep the records of steps <= ``upto``: later ones are redone by the resumed run.
+
+    The test record is dropped too: it is written after the last step, so a run
+    killed between that record and results.json would otherwise get it twice.
+    """
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= upto and r.get("split") != "test"]
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
     os.replace(tmp, path)
@@ -412,22 +588,38 @@ def _train(cfg, out: Path, resume, progress, threads, info: ddp.DistInfo) -> dic
     task = build_task(cfg)
     mcfg = model_config(cfg, task)
     settings = run_config(cfg, task, mcfg)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a run folder; choose another --out")
     ckpt = latest_checkpoint(out)
     holds_run = out.exists() and (out / "config.json").exists()
     # Every rank looks before rank 0 may write config.json below; otherwise a slower
     # rank would find the fresh file and refuse the run as "already there".
     ddp.barrier(info)
     if holds_run:
-        saved = json.loads((out / "config.json").read_text())
         if not resume:
             raise ValueError(
                 f"{out} already holds a run; pass --resume to continue it or choose another --out"
             )
+        saved = _read_json(out / "config.json")
         if saved != settings:
-            diff = sorted(
-                k for k in cfg.to_dict() if saved.get("train", {}).get(k) != cfg.to_dict()[k]
-            )
+            train_saved = saved.get("train")
+            train_saved = train_saved if isinstance(train_saved, dict) else {}
+            diff = sorted(k for k in cfg.to_dict() if train_saved.get(k) != cfg.to_dict()[k])
             raise ValueError(f"cannot resume {out}: its settings differ in {diff or 'the task'}")
+    elif resume:
+        # Resuming nothing is refused rather than quietly starting afresh: the user
+        # asked to continue a run, and a typo in --out must not cost a new training
+        # (nor leave a new folder behind). Dropping --resume starts one on purpose.
+        raise ValueError(
+            f"cannot resume {out}: it holds no run (no config.json); "
+            "leave out --resume to start a new run there"
+        )
+    if info.is_main and out.is_dir():
+        remove_stale_temporaries(out)
+    if holds_run:
+        done = finished_results(out, cfg.steps)
+        if done is not None:
+            return done  # a finished run: resuming it changes nothing, appends nothing
     elif info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / "config.json", settings)
@@ -441,12 +633,7 @@ def _train(cfg, out: Path, resume, progress, threads, info: ddp.DistInfo) -> dic
     start, acc = 0, {"loss": 0.0, "steps": 0, "tokens": 0}
     metrics_path = out / "metrics.jsonl"
     if resume and ckpt is not None:
-        model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-        state = json.loads((ckpt / "state.json").read_text())
-        tensors = load_file(str(ckpt / "optimizer.safetensors"))
-        torch.set_rng_state(tensors.pop("rng.torch"))
-        _load_optimizer(opt, tensors, state["param_groups"])
-        start, acc = state["step"], state["acc"]
+        start, acc = _restore(ckpt, model, opt, cfg)
     if info.is_main:
         if start == 0:
             metrics_path.write_text("", encoding="utf-8")
@@ -536,6 +723,54 @@ def _train(cfg, out: Path, resume, progress, threads, info: ddp.DistInfo) -> dic
         log({"step": cfg.steps, "split": "test", **results["test"]})
         _write_json(out / "results.json", results)
     return results
+
+
+def finished_results(out: str | Path, steps: int) -> dict | None:
+    """The results of run folder ``out`` when it has finished all ``steps``, else ``None``.
+
+    Finished means: the newest checkpoint is the last step and results.json (written
+    last of all) can be read. A damaged results.json counts as unfinished, so a
+    resume evaluates the final weights again and rewrites it.
+    """
+    out = Path(out)
+    ckpt = latest_checkpoint(out)
+    if ckpt is None or int(ckpt.name.removeprefix("step_")) != steps:
+        return None
+    try:
+        results = _read_json(out / "results.json", keys=("test", "val"))
+    except (RunFileError, OSError):
+        return None
+    return results if isinstance(results["test"], dict) else None
+
+
+def _restore(ckpt: Path, model, opt: torch.optim.Optimizer, cfg: TrainConfig) -> tuple[int, dict]:
+    """Load checkpoint ``ckpt`` into ``model`` and ``opt``; returns (step, running loss).
+
+    Every file is checked before anything is loaded, so a damaged checkpoint raises
+    :class:`RunFileError` naming the file and leaves the model untouched.
+    """
+    weights = _read_tensors(ckpt / "model.safetensors", like=model.state_dict())
+    state = _read_json(ckpt / "state.json", keys=("step", "acc", "param_groups"))
+    step, acc = state["step"], state["acc"]
+    if not _is_int(step) or not 0 < step <= cfg.steps:
+        raise RunFileError(f"{ckpt / 'state.json'}: step should be in 1..{cfg.steps}, got {step!r}")
+    if not (
+        isinstance(acc, dict)
+        and _is_number(acc.get("loss"))
+        and _is_int(acc.get("steps"))
+        and _is_int(acc.get("tokens"))
+    ):
+        raise RunFileError(f"{ckpt / 'state.json'}: 'acc' should hold loss, steps and tokens")
+    tensors = _read_tensors(ckpt / "optimizer.safetensors")
+    rng = tensors.pop("rng.torch", None)
+    expected = torch.get_rng_state()
+    if rng is None or rng.dtype != expected.dtype or rng.shape != expected.shape:
+        raise RunFileError(f"{ckpt / 'optimizer.safetensors'}: no valid 'rng.torch' state")
+    _check_optimizer_files(ckpt, opt, tensors, state["param_groups"])
+    model.load_state_dict(weights)
+    torch.set_rng_state(rng)
+    _load_optimizer(opt, tensors, state["param_groups"])
+    return step, acc
 
 
 def _diverged_message(what: str, value: float, step: int, out: Path) -> str:
