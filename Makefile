@@ -27,9 +27,15 @@ demo: $(STAMP)
 walkthrough: $(STAMP)
 	$(BIN)/qkv walkthrough "thinking machines learn"
 
+# The whole suite (the compiled CPU kernel is built on first use, ~15-25 s), then the
+# "flash" tests again on the PyTorch-level fallback, as on a machine without a compiler.
+FALLBACK_TESTS := tests/test_flash.py tests/test_flash_weights.py tests/test_robustness.py \
+	tests/test_backend_contract.py
+
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(PYTEST) -q
+	QKV_NO_COMPILE=1 $(PYTEST) -q $(FALLBACK_TESTS)
 
 test-all: $(STAMP)
 	$(PYTEST) -q -m "slow or not slow"

@@ -10,12 +10,99 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 import torch
 from torch import Tensor
 
 import qkv
+from qkv.backends import backends, make_request
 
 MASK_KINDS = ("none", "bool", "bool_heads", "float", "padding", "broadcast_2d")
+
+
+# ---------------------------------------------------------------- backends from the registry
+
+
+def backend_unusable(
+    name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> str | None:
+    """Why a registered backend cannot run plain requests on ``device`` here, or None.
+
+    A backend is usable when ``available()`` and its ``supports()`` accepts a tiny
+    ``dtype`` request on that device (so Triton without CUDA or ``TRITON_INTERPRET=1`` is
+    skipped, and so is a CUDA-only kernel for CPU tensors); ``"auto"`` is always usable.
+    """
+    if name == "auto":
+        return None
+    backend = backends()[name]
+    if not backend.available():
+        return f"backend {name!r} is not available in this process ({backend.description})"
+    probe = torch.zeros(1, 2, 4, dtype=dtype, device=device)
+    why = backend.supports(make_request(probe, probe, probe))
+    return None if why is None else f"backend {name!r} cannot run {dtype} on {device}: {why}"
+
+
+def registry_backend_names(
+    *,
+    include_auto: bool = True,
+    exclude: tuple[str, ...] = (),
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> list[str]:
+    """Names of the registered backends usable on ``device`` (+ ``"auto"``), sorted.
+
+    For hypothesis strategies, which cannot skip: unusable backends are left out.
+    """
+    names = [
+        n
+        for n in sorted(backends())
+        if n not in exclude and backend_unusable(n, device, dtype) is None
+    ]
+    return [*names, "auto"] if include_auto and "auto" not in exclude else names
+
+
+def registry_backends(
+    *,
+    include_auto: bool = True,
+    exclude: tuple[str, ...] = (),
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> list:
+    """``pytest.param`` per registered backend (+ ``"auto"``), for ``parametrize("backend", ...)``.
+
+    Every backend in :func:`qkv.backends.backends` is listed, so one registered later
+    meets the same tests; those not usable on ``device`` are skipped with the reason.
+    """
+    names = [n for n in sorted(backends()) if n not in exclude]
+    if include_auto and "auto" not in exclude:
+        names.append("auto")
+    params = []
+    for name in names:
+        why = backend_unusable(name, device, dtype)
+        marks = () if why is None else (pytest.mark.skip(reason=why),)
+        params.append(pytest.param(name, id=name, marks=marks))
+    return params
+
+
+def refusal(backend: str, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> str | None:
+    """Why the named ``backend`` would refuse this call (None when it serves it).
+
+    ``kwargs`` are those of :func:`qkv.scaled_dot_product_attention` except ``backend``;
+    ``"auto"`` serves every valid call.
+    """
+    if backend == "auto":
+        return None
+    b = backends()[backend]
+    if not b.available():
+        return f"backend {backend!r} is not available here"
+    return b.supports(make_request(q, k, v, **kwargs))
+
+
+def skip_if_refused(backend: str, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> None:
+    """Skip the calling test when the named backend does not serve this call."""
+    why = refusal(backend, q, k, v, **kwargs)
+    if why is not None:
+        pytest.skip(f"{backend} does not serve this call: {why}")
 
 
 def make_qkv(

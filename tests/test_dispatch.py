@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import qkv
-from qkv.backends import dispatch, make_request
+from qkv.backends import calibration, dispatch, make_request
 from support import make_qkv
 
 
@@ -27,35 +27,62 @@ def first(r) -> str:
     return dispatch.choose_backend(r).name
 
 
+def fake_calibration(winner_by_key: dict[str, str]) -> calibration.Calibration:
+    """A calibration whose every cell says ``torch`` unless ``winner_by_key`` says otherwise."""
+    cells = {}
+    for dt in calibration.DTYPES:
+        for grad in (False, True):
+            for causal in (False, True):
+                for L in calibration.LENGTHS:
+                    key = calibration.cell_key(dt, grad, causal, L)
+                    cells[key] = {"torch_ms": 1.0, "flash_ms": 1.0, "winner": "torch"}
+                    cells[key]["winner"] = winner_by_key.get(key, "torch")
+    return calibration.Calibration({}, cells)
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """Install a calibration: ``measured({"float32/fwd/full/1024": "flash"})``."""
+
+    def install(winners: dict[str, str]) -> None:
+        fake = fake_calibration(winners)
+        monkeypatch.setattr(calibration, "lookup", lambda: fake)
+
+    return install
+
+
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [
-        ({}, "torch"),  # float32: PyTorch's fused kernel is faster
+        ({}, "torch"),  # no calibration: torch wherever it serves
         ({"is_causal": True}, "torch"),
-        ({"dtype": torch.bfloat16, "L": 4096}, "flash"),  # half-precision matmuls
-        ({"dtype": torch.float16, "L": 4096}, "flash"),  # computed in float32: SDPA's fp16 is slow
-        ({"dtype": torch.bfloat16}, "torch"),  # 1024: too short to be worth it
-        ({"dtype": torch.bfloat16, "L": 64}, "torch"),
-        ({"dtype": torch.bfloat16, "L": 16384}, "torch"),  # SDPA ahead again
-        ({"window": 128}, "flash"),  # skips tiles outside the band
+        ({"dtype": torch.bfloat16, "L": 4096}, "torch"),
+        ({"window": 128}, "flash"),  # structure: skips tiles outside the band
         ({"is_causal": True, "S": 1500}, "flash"),  # SDPA would need a dense mask
-        ({"need_weights": True}, "flash"),  # long: exact weights, linear memory
-        ({"need_weights": True, "L": 64}, "reference"),  # short: the plain matmul
+        ({"need_weights": True}, "flash"),  # exact weights, linear memory
+        ({"need_weights": True, "L": 64}, "flash"),
         ({"need_weights": True, "dtype": torch.float64, "is_causal": True}, "flash"),
+        ({"dropout_p": 0.1, "window": 128}, "torch"),  # dropout runs on the loops: no promotion
     ],
 )
-def test_auto_rules_on_the_cpu(kwargs, expected):
+def test_structural_rules_without_calibration(kwargs, expected):
     kwargs = dict(kwargs)
     L, S, dtype = kwargs.pop("L", 1024), kwargs.pop("S", None), kwargs.pop("dtype", torch.float32)
+    assert calibration.lookup() is None  # conftest turns measuring off
     assert first(request(L, S, dtype, **kwargs)) == expected
 
 
-def test_half_precision_training_stays_on_torch():
-    # flash upcasts half inputs to float32 for backward; SDPA was 1.6-1.7x faster there.
+def test_calibrated_cells_decide_plain_requests(measured):
+    measured({"float32/fwd/full/1024": "flash", "bfloat16/fwd+bwd/causal/4096": "flash"})
+    assert first(request(1024)) == "flash"
+    assert first(request(900)) == "flash"  # nearest cell in log2(L * S)
+    assert first(request(256)) == "torch"
+    assert first(request(1024, dtype=torch.float64)) == "flash"  # float64 reads float32's
+    assert first(request(1024, is_causal=True)) == "torch"
     q, k, v = make_qkv(1, 2, L=4096, d_k=8, dtype=torch.bfloat16, requires_grad=True)
-    assert first(make_request(q, k, v)) == "torch"
+    assert first(make_request(q, k, v, is_causal=True)) == "flash"
     with torch.no_grad():
-        assert first(make_request(q, k, v)) == "flash"
+        assert first(make_request(q, k, v, is_causal=True)) == "torch"
 
 
 def test_auto_result_names_the_backend():
@@ -64,7 +91,8 @@ def test_auto_result_names_the_backend():
     assert res.backend == "flash" and res.weights.shape == (1, 2, 1, 600)
     res = qkv.scaled_dot_product_attention(q, k, v, need_weights=True, window=4)
     assert res.backend == "flash"
-    small = make_qkv(1, 2, L=5, d_k=8)
+    small = make_qkv(1, 2, L=5, d_k=8, requires_grad=True)
+    # Weights that need a gradient: flash refuses, the reference serves them.
     assert qkv.scaled_dot_product_attention(*small, need_weights=True).backend == "reference"
 
 
@@ -82,8 +110,10 @@ def test_auto_falls_back_when_flash_refuses_and_logs_once(caplog, monkeypatch):
 
 
 def test_rules_only_reorder_the_preference_list(monkeypatch):
+    monkeypatch.setattr(dispatch, "PREFERENCE", ["torch", "flash", "reference"])
+    assert dispatch.ordered(request(window=8)) == ["flash", "torch", "reference"]
     monkeypatch.setattr(dispatch, "PREFERENCE", ["torch", "reference"])
-    assert dispatch.ordered(request(dtype=torch.bfloat16)) == ["torch", "reference"]
+    assert dispatch.ordered(request(window=8)) == ["torch", "reference"]
     assert first(request(need_weights=True)) == "reference"
 
 
@@ -91,12 +121,12 @@ def test_triton_comes_first_for_cuda_tensors():
     """ordered() reads only the request's fields, so a stand-in with a CUDA device works."""
     fake = SimpleNamespace(
         device=torch.device("cuda"), dtype=torch.bfloat16, need_weights=False, L=4096,
-        S=4096, window=None, causal=False, attn_mask=None, needs_grad=False,
+        S=4096, window=8, causal=False, attn_mask=None, needs_grad=False, dropout_p=0.0,
     )  # fmt: skip
     assert dispatch.ordered(fake)[0] == "triton"
-    cpu = request(L=4096, dtype=torch.bfloat16)
-    assert dispatch.ordered(cpu)[0] == "flash"
-    assert first(cpu) == "flash"  # and "triton" is not even considered for CPU tensors
+    cpu = request(L=4096, dtype=torch.bfloat16, window=8)
+    assert dispatch.ordered(cpu)[0] == "triton"  # the list still starts with it ...
+    assert first(cpu) == "flash"  # ... but it is not even considered for CPU tensors
 
 
 def test_named_flash_that_cannot_serve_raises():
@@ -110,3 +140,18 @@ def test_backends_lists_flash():
     listed = qkv.backends()
     assert {"reference", "torch", "flash"} <= set(listed)
     assert "exact weights" in listed["flash"]
+
+
+def test_use_backend_selects_for_auto_calls_only():
+    q, k, v = make_qkv(1, 2, L=8, d_k=8)
+    with qkv.use_backend("reference"):
+        res = qkv.scaled_dot_product_attention(q, k, v, need_weights=True)
+        assert res.backend == "reference"
+        named = qkv.scaled_dot_product_attention(q, k, v, need_weights=True, backend="flash")
+        assert named.backend == "flash"  # an explicit name wins
+        layer = qkv.MultiHeadAttention(16, 2)
+        x = torch.randn(1, 8, 16)
+        assert layer(x, need_weights=True).backend == "reference"
+    assert qkv.scaled_dot_product_attention(q, k, v, need_weights=True).backend == "flash"
+    with pytest.raises(ValueError, match="unknown backend"), qkv.use_backend("nope"):
+        pass

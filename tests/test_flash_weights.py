@@ -72,13 +72,20 @@ def test_weights_sum_to_one_or_zero():
     torch.testing.assert_close(sums[..., 20:], torch.ones_like(sums[..., 20:]), atol=1e-6, rtol=0)
 
 
-def test_weights_with_gradients_and_default_tiles():
+def test_weights_with_gradients_go_to_a_backend_that_differentiates_them():
+    """flash weights carry no gradient: flash refuses, and "auto" serves the request on a
+    backend whose weights are differentiable (never silently dropping the gradient)."""
     q, k, v = make_qkv(1, 4, L=600, S=700, d_k=16, dtype=torch.float32, requires_grad=True)
     ref = weights("reference", q, k, v, weight_rows=[5, 599], average_heads=True)
-    got = weights("flash", q, k, v, weight_rows=[5, 599], average_heads=True)
+    with pytest.raises(ValueError, match="not differentiable"):
+        weights("flash", q, k, v, weight_rows=[5, 599], average_heads=True)
+    auto = weights("auto", q, k, v, weight_rows=[5, 599], average_heads=True)
+    assert auto.backend != "flash"
+    with torch.no_grad():  # default tiles, no gradient: flash serves it
+        got = weights("flash", q, k, v, weight_rows=[5, 599], average_heads=True)
     assert (got.weights - ref.weights).abs().max() <= 1e-6
-    got.output.sum().backward()  # the weights do not get in the way of training
-    assert torch.isfinite(q.grad).all()
+    auto.weights.sum().backward()
+    assert torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0
 
 
 def test_half_precision_weights():

@@ -153,14 +153,14 @@ def test_attention_weights_match_transformers_without_padding(model, hf_model):
 
 def test_reference_and_auto_backends_give_the_same_embeddings(model, monkeypatch):
     used: list[str] = []
-    real_run = multihead.run_request
+    real_run = multihead.run
 
     def spy(request, backend="auto"):
         result = real_run(request, backend)
         used.append(result.backend)
         return result
 
-    monkeypatch.setattr(multihead, "run_request", spy)
+    monkeypatch.setattr(multihead, "run", spy)
     auto = model.encode(SENTENCES[:10], batch_size=4)
     auto_backends = set(used)
     used.clear()

@@ -8,6 +8,8 @@ attend; float masks are added to the scores.
 
 from . import backends, masks
 from .backends import AttentionRequest, get_backend, register_backend
+from .backends.dispatch import use_backend
+from .band import Band
 from .cache import KVCache
 from .config import AttentionConfig
 from .functional import scaled_dot_product_attention, simple_attention
@@ -21,6 +23,7 @@ __all__ = [
     "AttentionConfig",
     "AttentionRequest",
     "AttentionResult",
+    "Band",
     "KVCache",
     "MultiHeadAttention",
     "SelfAttention",
@@ -30,4 +33,5 @@ __all__ = [
     "register_backend",
     "scaled_dot_product_attention",
     "simple_attention",
+    "use_backend",
 ]

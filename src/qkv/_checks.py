@@ -26,6 +26,16 @@ def check_tensor(name: str, t: object) -> Tensor:
     return t
 
 
+def check_has_data(**tensors: Tensor) -> None:
+    """Refuse meta tensors (shapes without data), naming the argument.
+
+    Called after the device checks, so mixing devices is reported as such first.
+    """
+    for name, t in tensors.items():
+        if t.is_meta:
+            raise ValueError(f"{name} is a meta tensor (shape {shape(t)}, no data); pass real data")
+
+
 def check_float_tensor(name: str, t: object) -> Tensor:
     t = check_tensor(name, t)
     if t.dtype not in FLOAT_DTYPES:
@@ -90,6 +100,7 @@ def check_mask(name: str, mask: object, target: tuple[int, ...], device: torch.d
         )
     if mask.device != device:
         raise ValueError(f"{name} is on {mask.device} but the queries are on {device}")
+    check_has_data(**{name: mask})
     L, S = target[-2], target[-1]
     ok = 2 <= mask.ndim <= len(target) and mask.shape[-1] == S and mask.shape[-2] in (1, L)
     if ok:
@@ -104,3 +115,72 @@ def check_mask(name: str, mask: object, target: tuple[int, ...], device: torch.d
             f"dimensions 1 or equal (for a (B, S) padding mask use qkv.masks.key_padding_mask)"
         )
     return mask
+
+
+def check_index_list(name: str, value: object, size: int, size_name: str, device) -> Tensor:
+    """A 1-D, non-empty sequence of integer indices into ``range(size)`` (negatives wrap).
+
+    Accepts a tensor of integers or a list/tuple of ints; anything else, values out of
+    range included, raises naming ``name``.
+    """
+    if isinstance(value, Tensor):
+        rows = check_tensor(name, value)
+    elif isinstance(value, (list, tuple, range)):
+        if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in value):
+            raise ValueError(
+                f"{name} must be a 1-D sequence of query indices (integers), got "
+                f"{list(value)[:8]!r}"
+            )
+        if any(not -size <= int(i) < size for i in value):
+            raise ValueError(
+                f"{name} must be indices in [0, {size_name}={size}), got {list(value)[:8]!r}"
+            )
+        rows = torch.tensor([int(i) for i in value], dtype=torch.long)
+    else:
+        raise TypeError(
+            f"{name} must be a 1-D tensor or list of integer indices, got {type(value).__name__}"
+        )
+    if rows.ndim != 1 or rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool:
+        raise ValueError(
+            f"{name} must be a 1-D sequence of integer indices, got {rows.dtype} of shape "
+            f"{shape(rows)}"
+        )
+    if rows.numel() == 0:
+        raise ValueError(f"{name} is empty; pass at least one index in [0, {size_name}={size})")
+    rows = rows.to(device)
+    lo, hi = int(rows.min()), int(rows.max())
+    if lo < -size or hi >= size:
+        raise ValueError(
+            f"{name} must be indices in [0, {size_name}={size}), got values from {lo} to {hi}"
+        )
+    return rows.long() % size
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that could still be allocated on ``device`` (None when unknown)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import os
+
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")

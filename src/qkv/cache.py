@@ -32,6 +32,7 @@ class KVCache:
         self._k: Tensor | None = None  # (B, H_kv, capacity, d_k)
         self._v: Tensor | None = None  # (B, H_kv, capacity, d_v)
         self._length = 0
+        self._pending: int | None = None  # length after a staged, uncommitted update
 
     def __len__(self) -> int:
         return self._length
@@ -49,6 +50,7 @@ class KVCache:
     def reset(self) -> None:
         self._k = self._v = None
         self._length = 0
+        self._pending = None
 
     def _check(self, k: Tensor, v: Tensor) -> None:
         k = C.check_float_tensor("k", k)
@@ -83,6 +85,18 @@ class KVCache:
         Returns:
             ``(keys, values)`` of shapes ``(B, H_kv, S, d_k)``, ``(B, H_kv, S, d_v)``.
         """
+        keys, values = self.stage(k, v)
+        self.commit()
+        return keys, values
+
+    def stage(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Like :meth:`update`, but the new positions only count after :meth:`commit`.
+
+        A layer stages its new keys, runs attention, and commits only when attention
+        succeeded: a call refused half-way (a bad argument, a backend that cannot serve
+        it) leaves the cache exactly as it was. The new rows are written past the
+        committed length, where nothing reads them until the commit.
+        """
         self._check(k, v)
         new_len = self._length + k.shape[2]
         if self.max_length is not None and new_len > self.max_length:
@@ -100,8 +114,14 @@ class KVCache:
         # The cache stores a copy detached from autograd: decoding is inference.
         self._k[:, :, self._length : new_len] = k.detach()
         self._v[:, :, self._length : new_len] = v.detach()
-        self._length = new_len
-        return self.keys, self.values
+        self._pending = new_len
+        return self._k[:, :, :new_len], self._v[:, :, :new_len]
+
+    def commit(self) -> None:
+        """Make the positions of the last :meth:`stage` part of the cache."""
+        if self._pending is None:
+            raise RuntimeError("KVCache.commit() without a staged update")  # caller bug
+        self._length, self._pending = self._pending, None
 
     def _grow(self, old: Tensor | None, like: Tensor, capacity: int) -> Tensor:
         B, H_kv, _, d = like.shape

@@ -9,7 +9,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import _checks as C
-from .backends import choose_backend, get_backend, make_request
+from .backends import make_request
+from .backends.dispatch import run
 from .result import AttentionResult
 
 __all__ = ["scaled_dot_product_attention", "simple_attention"]
@@ -30,6 +31,7 @@ def scaled_dot_product_attention(
     window: int | None = None,
     weight_rows: Tensor | list[int] | None = None,
     average_heads: bool = False,
+    key_padding_mask: Tensor | None = None,
 ) -> Tensor | AttentionResult:
     """Scaled dot-product attention: ``softmax(q kᵀ * scale + mask) v``.
 
@@ -59,6 +61,9 @@ def scaled_dot_product_attention(
             ``window - 1`` previous keys, without it keys at distance ``< window``.
         weight_rows: with ``need_weights``, only these query rows' weights.
         average_heads: with ``need_weights``, average the weights over heads.
+        key_padding_mask: ``(B, S)``, True / 1 = a real key (q must be (B, H, L, d_k)).
+            Kept apart from ``attn_mask``: fast backends read it per key, and it
+            combines with ``is_causal`` for any L, S.
 
     Returns:
         the output ``(..., H, L, d_v)``; with ``need_weights=True`` an
@@ -86,21 +91,10 @@ def scaled_dot_product_attention(
         need_weights=need_weights,
         weight_rows=weight_rows,
         average_heads=average_heads,
+        key_padding_mask=key_padding_mask,
     )
-    result = run_request(request, backend)
+    result = run(request, backend)
     return result if need_weights else result.output
-
-
-def run_request(request, backend: str = "auto") -> AttentionResult:
-    """Run a validated request on ``backend`` (``"auto"`` chooses); used by the modules."""
-    if backend == "auto":
-        chosen = choose_backend(request)
-    else:
-        chosen = get_backend(backend)
-        why = "not available here" if not chosen.available() else chosen.supports(request)
-        if why is not None:
-            raise ValueError(f"backend {backend!r} cannot serve this request: {why}")
-    return chosen(request)
 
 
 def simple_attention(

@@ -32,7 +32,8 @@ new queries are the last ``L`` positions of a sequence whose ``S`` keys are all 
                                          query 3        x .
                                          query 4        x x
 
-Query ``i`` may attend key ``j`` when ``j <= i + (S - L)``. A query row with no
+Query ``i`` may attend key ``j`` when ``j <= i + (S - L)``. Causal and sliding-window
+masks are both :class:`qkv.Band` objects; the builders below materialise one. A query row with no
 allowed key (top rows above, or a fully padded row) produces a zero context vector
 and zero weights in every qkv backend; gradients stay finite.
 """
@@ -41,6 +42,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from .band import Band
 
 __all__ = [
     "causal_mask",
@@ -52,13 +55,9 @@ __all__ = [
 ]
 
 
-def _positions(L: int, S: int, device: torch.device | str | None) -> Tensor:
-    """Signed distance ``key - aligned_query`` for every (query, key) pair: (L, S)."""
+def _check_sizes(L: object, S: object) -> None:
     if not isinstance(L, int) or not isinstance(S, int) or L < 1 or S < 1:
         raise ValueError(f"mask sizes must be positive integers, got L={L!r}, S={S!r}")
-    q_pos = torch.arange(L, device=device).unsqueeze(1) + (S - L)  # (L, 1), bottom-right
-    k_pos = torch.arange(S, device=device).unsqueeze(0)  # (1, S)
-    return k_pos - q_pos  # (L, S)
 
 
 def causal_mask(L: int, S: int | None = None, *, device=None) -> Tensor:
@@ -69,7 +68,8 @@ def causal_mask(L: int, S: int | None = None, *, device=None) -> Tensor:
             [1, 1, 1, 1]], dtype=torch.int32)
     """
     S = L if S is None else S
-    return _positions(L, S, device) <= 0
+    _check_sizes(L, S)
+    return Band.from_flags(True, None).allowed(L, S, device)
 
 
 def sliding_window_mask(
@@ -90,9 +90,8 @@ def sliding_window_mask(
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be a positive integer, got {window!r}")
     S = L if S is None else S
-    diff = _positions(L, S, device)
-    allowed = diff > -window
-    return allowed & (diff <= 0) if causal else allowed & (diff < window)
+    _check_sizes(L, S)
+    return Band.from_flags(bool(causal), window).allowed(L, S, device)
 
 
 def lengths_to_padding_mask(lengths: Tensor | list[int], S: int | None = None) -> Tensor:

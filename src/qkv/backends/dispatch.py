@@ -7,28 +7,20 @@ wins):
    considered, nor logged as skipped, for CPU ones (its CPU interpreter is for tests).
 2. ``"torch"`` — PyTorch's fused kernels, when no weights are requested.
 3. ``"flash"`` — qkv's tiled kernel: any mask, exact weights, linear memory.
-4. ``"reference"`` — serves everything (weights, any mask, any dtype).
+4. ``"reference"`` — serves every request that fits in memory.
 
-:func:`ordered` then adjusts the order to the request, by rules measured on a 2-core
-AVX-512 CPU (B=1, H=8, d=64, 2 threads; figures in the ``"flash"`` report):
+:func:`ordered` moves ``"flash"`` ahead of ``"torch"`` for CPU tensors by two kinds of
+rule, none of them a constant timed on some machine:
 
-* promote ``"flash"`` ahead of ``"torch"`` for CPU tensors when it is the faster one:
-  bfloat16/float16 inference (no gradient needed) with ``PROMOTE_MIN_SCORES`` to
-  ``PROMOTE_MAX_SCORES`` scores per head (it runs its matmuls in bfloat16: 1.3-1.5x
-  SDPA at 2048-4096 tokens in benchmarks/results/attention.md, but slower at 512-1024,
-  even at 8192 and behind at 16384; float16, whose CPU matmuls are slow here, it
-  computes in float32: ~1.25x SDPA's float16 at 4096; for training it upcasts to
-  float32 and SDPA is 1.6-1.7x faster, so training stays on ``"torch"``), a sliding
-  window (it skips the tiles outside the band; SDPA reads a dense mask: ~2.8x at 2048
-  tokens, window 256), and causal attention with L != S without a user mask (SDPA needs
-  a dense (L, S) mask for the bottom-right alignment);
-* demote ``"flash"`` behind ``"reference"`` when weights are requested for fewer than
-  ``WEIGHTS_FLASH_MIN_SCORES`` scores per head: for short sequences the plain matmul is
-  quicker and its memory small (from 1024 tokens on, ``"flash"`` is 2-5x faster and
-  never holds more than the weights asked for).
+* **structure** (true on any CPU): a sliding window (flash skips the tiles outside the
+  band; SDPA reads a dense (L, S) mask and computes every score) and causal attention
+  with L != S (SDPA needs a dense mask for the bottom-right alignment);
+* **this machine's measurement** (:mod:`.calibration`): for plain and causal requests
+  that both serve, the backend that was faster in the nearest measured cell (dtype,
+  forward or forward+backward, causal, length), measured once per machine and cached.
 
-Float32 without a window stays on ``"torch"``: PyTorch's fused CPU kernel is ahead of
-the tiled PyTorch-level loop there (0.7-0.85x in our measurements).
+Weight requests go to ``"flash"`` (exact weights from its log-sum-exp, memory only for
+what is returned) and fall back to ``"reference"`` where flash refuses them.
 
 A request is never degraded to fit a backend: features are not dropped, only
 backends are skipped. Each skip of a preferred backend is logged once per reason
@@ -37,25 +29,24 @@ on the ``qkv`` logger (INFO), so a slower path is never taken silently.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
+from collections.abc import Iterator
 
 import torch
 
+from ..result import AttentionResult
+from . import calibration
 from .registry import Backend, get_backend
 from .request import AttentionRequest
 
-__all__ = ["PREFERENCE", "choose_backend", "ordered"]
+__all__ = ["PREFERENCE", "choose_backend", "ordered", "run", "use_backend"]
 
 logger = logging.getLogger("qkv")
 
 #: Backend names in the order ``"auto"`` tries them (before :func:`ordered`'s rules).
 PREFERENCE: list[str] = ["triton", "torch", "flash", "reference"]
-
-#: Scores per head (L * S) between which "flash" beats "torch" for half-precision inference.
-PROMOTE_MIN_SCORES = 2048 * 2048
-PROMOTE_MAX_SCORES = 8192 * 8192
-#: Scores per head (L * S) from which "flash" serves weight requests before "reference".
-WEIGHTS_FLASH_MIN_SCORES = 1 << 18
 
 #: Backends ``"auto"`` considers only for tensors of one device type.
 DEVICE_TYPES: dict[str, str] = {"triton": "cuda"}
@@ -65,23 +56,24 @@ _logged: set[tuple[str, str]] = set()
 
 def ordered(request: AttentionRequest) -> list[str]:
     """The names of :data:`PREFERENCE` in the order ``"auto"`` tries them for ``request``."""
-    r = request
-    promote: list[str] = []
-    demote: list[str] = []
-    scores = r.L * r.S
-    if r.device.type == "cpu" and not r.need_weights:
-        half = (
-            r.dtype in (torch.bfloat16, torch.float16)
-            and not r.needs_grad
-            and PROMOTE_MIN_SCORES <= scores < PROMOTE_MAX_SCORES
-        )
-        band = r.window is not None or (r.causal and r.L != r.S and r.attn_mask is None)
-        if half or band:
-            promote.append("flash")
-    if r.need_weights and scores < WEIGHTS_FLASH_MIN_SCORES:
-        demote.append("flash")
-    rest = [n for n in PREFERENCE if n not in promote and n not in demote]
-    return [n for n in promote if n in PREFERENCE] + rest + [n for n in demote if n in PREFERENCE]
+    order = list(PREFERENCE)
+    if "flash" in order and "torch" in order and _prefer_flash(request):
+        order.remove("flash")
+        order.insert(order.index("torch"), "flash")
+    return order
+
+
+def _prefer_flash(r: AttentionRequest) -> bool:
+    if r.device.type != "cpu" or r.need_weights or r.dropout_p > 0:
+        return False
+    if r.window is not None or (r.causal and r.L != r.S and not r.has_mask_tensor):
+        return True  # structure: flash skips what SDPA must compute or read densely
+    verdicts = calibration.lookup()
+    if verdicts is None:
+        return False
+    dtype = {torch.float64: torch.float32}.get(r.dtype, r.dtype)
+    name = str(dtype).removeprefix("torch.")
+    return verdicts.winner(name, r.needs_grad, r.causal, r.L * r.S) == "flash"
 
 
 def choose_backend(request: AttentionRequest) -> Backend:
@@ -100,4 +92,49 @@ def choose_backend(request: AttentionRequest) -> Backend:
                     logger.info("qkv auto: not using %r (%s); using %r", skipped_name, why, name)
             return backend
         skipped.append((name, reason))
-    raise AssertionError("the reference backend serves every request")  # internal invariant
+    # Only memory limits make every backend refuse a valid request; say what each said.
+    reasons = "; ".join(f"{name}: {why}" for name, why in skipped)
+    raise ValueError(f"no backend can serve this request ({reasons})")
+
+
+_SELECTED: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "qkv_backend", default=None
+)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Run every ``backend="auto"`` call inside the block on ``name`` instead.
+
+    Calls (and modules) that name a backend explicitly keep it. The selection is
+    per thread / async task (a context variable) and nests::
+
+        with qkv.use_backend("flash"):
+            out = layer(x)          # layer.config.backend == "auto" -> "flash"
+    """
+    if name != "auto":
+        get_backend(name)  # unknown names fail here, not at the first call
+    token = _SELECTED.set(name)
+    try:
+        yield name
+    finally:
+        _SELECTED.reset(token)
+
+
+def run(request: AttentionRequest, backend: str = "auto") -> AttentionResult:
+    """Run a validated request on ``backend``: the one entry point of every caller.
+
+    ``"auto"`` (or the block's :func:`use_backend` selection) chooses; a named backend
+    that cannot serve the request raises ``ValueError`` with its reason, so a feature is
+    never dropped silently.
+    """
+    if backend == "auto":
+        backend = _SELECTED.get() or "auto"
+    if backend == "auto":
+        chosen = choose_backend(request)
+    else:
+        chosen = get_backend(backend)
+        why = "not available here" if not chosen.available() else chosen.supports(request)
+        if why is not None:
+            raise ValueError(f"backend {backend!r} cannot serve this request: {why}")
+    return chosen(request)

@@ -2,9 +2,9 @@
 
 It is the textbook computation, written to be read::
 
-    scores  = q @ kᵀ * scale            (..., H, L, S)
-    scores  = mask(scores)              bool: -inf where False · float: + mask
-    weights = softmax(scores, keys)     float32 for half inputs; empty row -> zeros
+    scores  = q @ kᵀ * scale            (..., H, L, S), float32 for half inputs
+    scores  = mask(scores)              bool: -inf where False · float: + mask (float32)
+    weights = softmax(scores, keys)     empty row -> zeros
     weights = dropout(weights)
     output  = weights @ v               (..., H, L, d_v)
 
@@ -14,10 +14,13 @@ L * S; use it to check, teach, and read weights, not for long sequences.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _checks as C
 from ..result import AttentionResult
 from .registry import register_backend
 from .request import AttentionRequest
@@ -54,8 +57,25 @@ def select_weights(weights: Tensor, request: AttentionRequest) -> Tensor:
     return weights
 
 
+#: From this many scores per call the reference checks that its dense tensors fit.
+_CHECK_MEMORY_FROM = 1 << 22
+
+
 def _supports(request: AttentionRequest) -> str | None:
-    return None  # the specification serves every valid request
+    # The specification serves every valid request that fits in memory: it holds a few
+    # dense (..., H, L, S) tensors (scores, exponentials, weights) in the compute dtype.
+    r = request
+    count = math.prod(r.batch_shape) * r.H * r.L * r.S
+    if count < _CHECK_MEMORY_FROM:
+        return None
+    need = 4 * count * torch.finfo(r.compute_dtype).bits // 8
+    free = C.available_memory(r.device)
+    if free is not None and need > free:
+        return (
+            f"the reference holds dense (..., H, L, S) scores: about {C.human_bytes(need)}, "
+            f"more than the {C.human_bytes(free)} free"
+        )
+    return None
 
 
 @register_backend(
@@ -68,13 +88,16 @@ def reference_attention(request: AttentionRequest) -> AttentionResult:
     k = repeat_kv(r.k, r.group)  # (..., H, S, d_k)
     v = repeat_kv(r.v, r.group)  # (..., H, S, d_v)
 
-    scores = (r.q @ k.transpose(-2, -1)) * r.scale  # (..., H, L, S)
-    scores = scores.to(r.compute_dtype)  # half inputs: softmax in float32
+    # Half inputs are compared in float32: a half-precision product q·k can overflow
+    # (65,504 in float16) even when the scaled score is small, and rounding scores to
+    # half would make the specification less precise than the kernels it judges.
+    cdt = r.compute_dtype
+    scores = (r.q.to(cdt) @ k.to(cdt).transpose(-2, -1)) * r.scale  # (..., H, L, S)
     mask = r.dense_mask()
     if mask is not None and mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, float("-inf"))
     elif mask is not None:
-        scores = scores + mask.to(r.compute_dtype)
+        scores = scores + mask.to(cdt)  # the float-mask policy: added in the compute dtype
 
     weights = masked_softmax(scores)  # (..., H, L, S), rows sum to 1 or 0
     dropped = F.dropout(weights, p=r.dropout_p) if r.dropout_p > 0 else weights

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from .. import _checks as C
-from ..masks import causal_mask, combine_masks, sliding_window_mask
+from ..band import Band
+from ..masks import combine_masks
 
 __all__ = ["AttentionRequest", "make_request"]
 
@@ -26,10 +27,11 @@ class AttentionRequest:
     the leading dims ``...`` are identical across q, k, v (never broadcast) and H is a
     multiple of H_kv (query head ``h`` reads key/value head ``h // (H // H_kv)``).
 
-    The mask is kept in three parts so that fast backends can skip work instead of
-    reading a dense mask: ``attn_mask`` (user tensor, bool or float, broadcastable
-    to (..., H, L, S)), ``causal`` and ``window`` (both bottom-right aligned, see
-    :mod:`qkv.masks`). A position is allowed only if all three allow it.
+    The mask is kept in three structured parts so that fast backends can skip work
+    instead of reading a dense mask: ``attn_mask`` (the caller's tensor, bool or float,
+    broadcastable to (..., H, L, S)), ``band`` (causal / sliding window, bottom-right
+    aligned: :class:`qkv.Band`) and ``key_padding`` (bool (B, S), True = real key, for
+    requests with one batch dim). A position is allowed only if all three allow it.
 
     ``weight_rows`` (1-D long tensor of query indices) and ``average_heads`` shape the
     returned weights: (..., H, R, S), or (..., R, S) when averaged, R = number of rows.
@@ -39,8 +41,8 @@ class AttentionRequest:
     k: Tensor
     v: Tensor
     attn_mask: Tensor | None = None
-    causal: bool = False
-    window: int | None = None
+    band: Band | None = None
+    key_padding: Tensor | None = None
     scale: float = 1.0
     dropout_p: float = 0.0
     need_weights: bool = False
@@ -95,8 +97,31 @@ class AttentionRequest:
         return torch.float32 if self.q.dtype in C.HALF_DTYPES else self.q.dtype
 
     @property
+    def causal(self) -> bool:
+        """Whether the band is causal (``is_causal``), read from :attr:`band`."""
+        return self.band is not None and self.band.causal
+
+    @property
+    def window(self) -> int | None:
+        """The sliding window size (``window=``), read from :attr:`band`."""
+        return None if self.band is None else self.band.window
+
+    @property
     def has_mask(self) -> bool:
-        return self.attn_mask is not None or self.causal or self.window is not None
+        return self.attn_mask is not None or self.band is not None or self.key_padding is not None
+
+    @property
+    def has_mask_tensor(self) -> bool:
+        """Whether a dense tensor (``attn_mask`` or ``key_padding``) takes part."""
+        return self.attn_mask is not None or self.key_padding is not None
+
+    def padding_mask(self) -> Tensor | None:
+        """``key_padding`` as a mask broadcastable to (B, H, L, S): (B, 1, 1, S)."""
+        return None if self.key_padding is None else self.key_padding[:, None, None, :]
+
+    def user_mask(self) -> Tensor | None:
+        """``attn_mask`` and ``key_padding`` combined (the band stays structured)."""
+        return combine_masks(self.attn_mask, self.padding_mask())
 
     @property
     def needs_grad(self) -> bool:
@@ -105,17 +130,11 @@ class AttentionRequest:
     def dense_mask(self) -> Tensor | None:
         """The combined mask, materialised: bool or float, broadcastable to (..., H, L, S).
 
-        Structured parts (causal, window) become an (L, S) boolean tensor; the user's
-        mask keeps its own broadcast shape. ``None`` when nothing is masked.
+        The band becomes an (L, S) boolean tensor, key padding (B, 1, 1, S); the
+        caller's mask keeps its own broadcast shape. ``None`` when nothing is masked.
         """
-        structural = None
-        if self.window is not None:
-            structural = sliding_window_mask(
-                self.L, self.S, window=self.window, causal=self.causal, device=self.device
-            )
-        elif self.causal:
-            structural = causal_mask(self.L, self.S, device=self.device)
-        return combine_masks(self.attn_mask, structural)
+        structural = None if self.band is None else self.band.allowed(self.L, self.S, self.device)
+        return combine_masks(self.attn_mask, self.padding_mask(), structural)
 
 
 def make_request(
@@ -132,18 +151,19 @@ def make_request(
     need_weights: bool = False,
     weight_rows: object = None,
     average_heads: bool = False,
-    causal_with_mask_ok: bool = False,
+    key_padding_mask: object = None,
 ) -> AttentionRequest:
     """Validate user input and build an :class:`AttentionRequest`.
 
-    ``causal_with_mask_ok`` lets callers that built the mask themselves (the modules'
-    key-padding masks) combine it with causal attention when L != S; see
-    :func:`qkv.scaled_dot_product_attention` for why user masks may not.
+    ``key_padding_mask``: (B, S), True / 1 = a real key (q must have exactly one batch
+    dim). It is kept apart from ``attn_mask``, so causal attention with L != S stays
+    unambiguous with it (see :func:`qkv.scaled_dot_product_attention`).
     """
     q = C.check_float_tensor("q", q)
     k = C.check_float_tensor("k", k)
     v = C.check_float_tensor("v", v)
     C.check_same_dtype_device(q=q, k=k, v=v)
+    C.check_has_data(q=q, k=k, v=v)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.ndim < 3:
             raise ValueError(
@@ -194,31 +214,77 @@ def make_request(
     target = (*q.shape[:-3], H, L, S)
     if attn_mask is not None:
         attn_mask = C.check_mask("attn_mask", attn_mask, target, q.device)
-        if is_causal and L != S and not causal_with_mask_ok:
+        if is_causal and L != S:
             raise ValueError(
                 f"is_causal=True with an explicit attn_mask is ambiguous when L={L} != S={S} "
                 f"(bottom-right or top-left causal?); put the causal part into the mask "
                 f"yourself, e.g. qkv.masks.combine_masks(attn_mask, qkv.masks.causal_mask(L, S))"
             )
+    key_padding = None
+    if key_padding_mask is not None:
+        key_padding = _check_key_padding(key_padding_mask, q, S)
     if weight_rows is not None:
         if not need_weights:
             raise ValueError("weight_rows was given but need_weights=False")
-        rows = torch.as_tensor(weight_rows, device=q.device)
-        if rows.ndim != 1 or rows.is_floating_point() or rows.dtype == torch.bool:
-            raise ValueError(f"weight_rows must be a 1-D sequence of query indices, got {rows!r}")
-        if rows.numel() == 0 or int(rows.min()) < -L or int(rows.max()) >= L:
-            raise ValueError(f"weight_rows must be indices in [0, L={L}), got {rows.tolist()}")
-        weight_rows = rows.long() % L
+        weight_rows = C.check_index_list("weight_rows", weight_rows, L, "L", q.device)
+    if need_weights:
+        _check_weights_fit(q, H, L, S, weight_rows, bool(average_heads))
     return AttentionRequest(
         q=q,
         k=k,
         v=v,
         attn_mask=attn_mask,
-        causal=is_causal,
-        window=window,
+        band=Band.from_flags(is_causal, window),
+        key_padding=key_padding,
         scale=scale,
         dropout_p=dropout_p,
         need_weights=bool(need_weights),
         weight_rows=weight_rows,
         average_heads=bool(average_heads),
     )
+
+
+def _check_weights_fit(
+    q: Tensor, H: int, L: int, S: int, rows: Tensor | None, average_heads: bool
+) -> None:
+    """Refuse, before any work, weights that cannot fit in the memory left on the device.
+
+    The weights are (..., H, R, S) (R = chosen rows or L; no H when averaged); a request
+    for more than the device has free would otherwise run the whole forward pass and
+    then fail in the allocator.
+    """
+    R = L if rows is None else rows.numel()
+    count = math.prod(q.shape[:-3]) * (1 if average_heads else H) * R * S
+    # Backends build the weights in the compute dtype (float32 for half inputs) and
+    # round them to the input dtype at the end: both copies exist for a moment.
+    size = count * q.element_size()
+    if q.dtype in C.HALF_DTYPES:
+        size += count * 4
+    free = C.available_memory(q.device)
+    if free is not None and size > free:
+        raise ValueError(
+            f"need_weights=True asks for weights of shape "
+            f"({', '.join(map(str, (*q.shape[:-3], *(() if average_heads else (H,)), R, S)))})"
+            f" = {C.human_bytes(size)}, more than the {C.human_bytes(free)} free on "
+            f"{q.device}; ask for less with weight_rows=[...] (chosen query rows) and/or "
+            f"average_heads=True"
+        )
+
+
+def _check_key_padding(mask: object, q: Tensor, S: int) -> Tensor:
+    """(B, S) bool or 0/1 integers, True = real key; q must be (B, H, L, d_k)."""
+    from ..masks import key_padding_mask as to_mask
+
+    mask = C.check_tensor("key_padding_mask", mask)
+    if q.ndim != 4:
+        raise ValueError(
+            f"key_padding_mask needs q of shape (B, H, L, d_k) (one batch dim), got q {C.shape(q)}"
+        )
+    checked = to_mask(mask)[:, 0, 0, :]  # bool (B, S); refuses other ndims and dtypes
+    if tuple(mask.shape) != (q.shape[0], S):
+        raise ValueError(
+            f"key_padding_mask must have shape (B, S) = ({q.shape[0]}, {S}), got {C.shape(mask)}"
+        )
+    if mask.device != q.device:
+        raise ValueError(f"key_padding_mask is on {mask.device} but the queries are on {q.device}")
+    return checked

@@ -82,6 +82,20 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _isa_flags() -> list[str]:
+    """The SIMD / matrix instruction flags of /proc/cpuinfo that decide kernel speed."""
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [w for w in wanted if w in have]
+    except OSError:
+        pass
+    return []
+
+
 def _total_ram_gib() -> float | None:
     try:
         with open("/proc/meminfo") as f:
@@ -104,6 +118,8 @@ def machine_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        # What the kernels may use: bf16/fp16 dot products only where the CPU has them.
+        "cpu_flags": _isa_flags(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         # A busy shared machine shows here; the figures are noisier then.

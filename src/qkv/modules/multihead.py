@@ -7,11 +7,9 @@ from torch import Tensor
 
 from .. import _checks as C
 from ..backends import make_request
+from ..backends.dispatch import run
 from ..cache import KVCache
 from ..config import AttentionConfig
-from ..functional import run_request
-from ..masks import combine_masks
-from ..masks import key_padding_mask as kpm_to_mask
 from ..result import AttentionResult
 
 __all__ = ["MultiHeadAttention"]
@@ -125,44 +123,27 @@ class MultiHeadAttention(nn.Module):
         q = self.q_proj(query).view(B, L, H, d).transpose(1, 2)  # (B, H, L, d_k)
         k = self.k_proj(key).view(B, -1, H_kv, d).transpose(1, 2)  # (B, H_kv, S_new, d_k)
         v = self.v_proj(value).view(B, -1, H_kv, d).transpose(1, 2)  # (B, H_kv, S_new, d_v)
-        S = k.shape[2] + (0 if cache is None else len(cache))  # keys after this call
 
         causal = cfg.causal if is_causal is None else is_causal
-        # Every mask is checked before the cache is touched: a refused call leaves it as it was.
-        if attn_mask is not None:
-            attn_mask = C.check_mask("attn_mask", attn_mask, (B, H, L, S), query.device)
-            if causal and L != S:
-                # Same rule as the functional API: user masks + causal are ambiguous when L != S.
-                raise ValueError(
-                    f"is_causal=True with an explicit attn_mask is ambiguous when L={L} != "
-                    f"S={S} (bottom-right or top-left causal?); put the causal part into the "
-                    f"mask yourself, e.g. qkv.masks.combine_masks(attn_mask, "
-                    f"qkv.masks.causal_mask(L, S))"
-                )
-        padding = None
-        if key_padding_mask is not None:
-            padding = kpm_to_mask(key_padding_mask)  # (B, 1, 1, S_kpm)
-            if padding.shape[0] != B or padding.shape[-1] != S:
-                raise ValueError(
-                    f"key_padding_mask must have shape (B, S) = ({B}, {S}), got "
-                    f"{C.shape(key_padding_mask)}"
-                )
-            padding = padding.to(query.device)
+        # Masks are checked by make_request; the cache is only committed after success.
         if cache is not None:
-            k, v = cache.update(k, v)  # (B, H_kv, S, d): past + new
+            # Staged, not committed: a call refused below leaves the cache unchanged.
+            k, v = cache.stage(k, v)  # (B, H_kv, S, d): past + new
         request = make_request(
             q,
             k,
             v,
-            attn_mask=combine_masks(attn_mask, padding),
+            attn_mask=attn_mask,
+            key_padding_mask=key_padding_mask,  # kept structured: no dense (B, L, S) mask
             is_causal=causal,
             dropout_p=cfg.dropout if self.training else 0.0,
             enable_gqa=True,
             need_weights=need_weights,
             average_heads=need_weights and average_weights,
-            causal_with_mask_ok=True,
         )
-        result = run_request(request, cfg.backend)
+        result = run(request, cfg.backend)
+        if cache is not None:
+            cache.commit()
         out = result.output.transpose(1, 2).reshape(B, L, cfg.d_model)  # (B, L, H * d_v)
         out = self.out_proj(out)  # (B, L, d_model)
         if not need_weights:

@@ -60,6 +60,8 @@ class SelfAttention(nn.Module):
         q = self.q_proj(x).unsqueeze(-3)  # (..., 1, L, d_k): one head
         k = self.k_proj(x).unsqueeze(-3)  # (..., 1, L, d_k)
         v = self.v_proj(x).unsqueeze(-3)  # (..., 1, L, d_v)
+        if attn_mask is not None:
+            attn_mask = C.check_tensor("attn_mask", attn_mask)
         if attn_mask is not None and attn_mask.ndim >= 3:
             attn_mask = attn_mask.unsqueeze(-3)  # (B, L, L) -> (B, 1, L, L)
         result = scaled_dot_product_attention(

@@ -1,11 +1,20 @@
-"""The ``"flash"`` backend: tiled attention in plain PyTorch, linear memory, exact weights.
+"""The ``"flash"`` backend: qkv's own tiled attention, linear memory, exact weights.
 
 Shape legend: B batch · H query heads · H_kv key/value heads · L query length ·
 S key/value length · d_k query/key width · d_v value width.
 
-What it computes is exactly the reference (:mod:`.reference`); how it computes it is
-FlashAttention-2's schedule, written with batched PyTorch ops, so it runs on any device
-(the CPU is the target). Per tile of ``block_q`` query rows x ``block_k`` keys::
+The folder holds two implementations of one schedule (FlashAttention-2's), which
+compute exactly the reference (:mod:`..reference`):
+
+* ``csrc/`` + :mod:`.compiled` + :mod:`.native`: a C++ kernel on ATen, built on first
+  use into a cache folder, used for CPU tensors without dropout. See
+  ``csrc/flash_attention.cpp`` for its tiles, threads and half-precision rules.
+* :mod:`.loops` + :mod:`.tiles` + :mod:`.pool`: the same tiles written with PyTorch
+  ops, used on other devices, with dropout, and wherever the C++ kernel could not be
+  built (one warning is logged; ``QKV_NO_COMPILE=1`` forces it, and CI runs the flash
+  tests on both). :class:`FlashConfig` tunes this path only.
+
+The PyTorch-level loops, per tile of ``block_q`` query rows x ``block_k`` keys::
 
     s = (q_tile * scale) @ k_tileᵀ           (h, g * block_q, block_k)
     s = mask(s)                             slices of the caller's mask; band if cut
@@ -20,7 +29,7 @@ holds every key a row sees, ``p @ v`` is already the answer.
 * **Backward** (its own ``torch.autograd.Function``) recomputes each tile's
   probabilities ``exp(s - lse)`` from the saved ``lse`` instead of storing them
   (FlashAttention-2: ``D = rowsum(dO * O)``, ``dS = P * (dP - D)``), so training memory
-  is linear in length too. See :func:`.flash_kernels.backward`.
+  is linear in length too. See :func:`.loops.backward`.
 * **Weights** (``need_weights=True``) are recomputed tile by tile against ``lse`` for
   the requested rows only, averaged over heads inside each tile when asked: the result
   tensor is the only ``S``-wide thing allocated.
@@ -30,13 +39,13 @@ holds every key a row sees, ``p @ v`` is already the answer.
   mask at all. Rows with no allowed key give zero output, zero weights, zero gradients.
 * **Grouped-query attention**: the ``g = H // H_kv`` query heads of a group are stacked
   as rows of one matmul against their shared key/value head; K/V are never repeated.
-* **Dtypes**: float64 computes in float64, float32 in float32. bfloat16 inference (and
-  float16 off the CPU) multiplies in half precision (fast on CPUs with bf16
-  instructions) with the softmax computed in float32 inside PyTorch's kernel, as the
-  reference does; float16 inference on the CPU and all half-precision training upcast
-  q, k, v to float32 (see :class:`_FlashFunction`).
+* **Dtypes**: float64 computes in float64, float32 in float32; bfloat16 and float16
+  inputs are upcast to float32 (scores, softmax and products), like the reference's
+  float32 scores, and the output is rounded back once. Float masks are added in the
+  compute dtype (:mod:`qkv.masks`).
 * **Threads**: on the CPU, tiles are handed to ``torch.get_num_threads()`` worker
-  threads whose ops each run on one core (:mod:`.flash_pool`).
+  threads whose ops each run on one core (:mod:`.pool`). Backward sums its per-thread
+  dK/dV partials in a fixed order, so results are bitwise reproducible.
 * **Dropout** is applied tile by tile with masks drawn from a generator seeded by the
   call's seed and the tile position, so backward regenerates them; the seed comes from
   PyTorch's global generator (``torch.manual_seed`` makes runs repeatable). The dropout
@@ -68,11 +77,13 @@ from typing import NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..result import AttentionResult
-from . import flash_kernels as kernels
-from .flash_tiles import Tiling
-from .registry import register_backend
-from .request import AttentionRequest
+from ...result import AttentionResult
+from ..registry import register_backend
+from ..request import AttentionRequest
+from . import compiled
+from . import loops as kernels
+from .native import native_attention
+from .tiles import Tiling
 
 __all__ = [
     "FlashConfig",
@@ -100,6 +111,9 @@ class FlashConfig:
             while each matmul stays large.
         threads: worker threads on the CPU (each runs its ops on one core); default
             ``torch.get_num_threads()``. 1 runs everything in the calling thread.
+        compiled: use the compiled CPU kernel (``None``: whenever it can serve the
+            request; ``False``: always the PyTorch-level loops, which the other fields
+            tune; ``True``: require it, raising if it is unavailable).
     """
 
     block_q: int | None = None
@@ -107,8 +121,11 @@ class FlashConfig:
     heads: int | None = None
     tile_elements: int = 1 << 18
     threads: int | None = None
+    compiled: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.compiled is not None and not isinstance(self.compiled, bool):
+            raise ValueError(f"FlashConfig.compiled must be None or a bool, got {self.compiled!r}")
         for name in ("block_q", "block_k", "heads", "tile_elements", "threads"):
             value = getattr(self, name)
             if value is None and name != "tile_elements":
@@ -117,7 +134,7 @@ class FlashConfig:
                 raise ValueError(f"FlashConfig.{name} must be a positive integer, got {value!r}")
 
 
-_FIELDS = ("block_q", "block_k", "heads", "tile_elements", "threads")
+_FIELDS = ("block_q", "block_k", "heads", "tile_elements", "threads", "compiled")
 _DEFAULT = FlashConfig()
 _CONFIG: contextvars.ContextVar[FlashConfig | None] = contextvars.ContextVar(
     "qkv_flash_config", default=None
@@ -228,33 +245,50 @@ class _FlashFunction(torch.autograd.Function):
 
 
 def _supports(request: AttentionRequest) -> str | None:
-    m = request.attn_mask
+    r = request
+    m = r.attn_mask
     if m is not None and m.requires_grad and torch.is_grad_enabled():
         return "flash computes no gradient for a float attn_mask that requires grad"
+    if r.need_weights and r.needs_grad:
+        # The weights are recomputed from the saved log-sum-exp outside autograd; a loss
+        # on them would silently lose its gradient, so such requests go elsewhere.
+        return "flash weights are not differentiable; weights with gradients need 'reference'"
     return None
 
 
 @register_backend(
     "flash",
     supports=_supports,
-    description="tiled online-softmax attention in PyTorch; linear memory, exact weights on demand",
+    description=(
+        "qkv's tiled kernel (compiled C++ on the CPU, PyTorch loops elsewhere); any mask, "
+        "linear memory, exact weights on demand"
+    ),
 )
 def flash_attention(request: AttentionRequest) -> AttentionResult:
     r = request
+    want = get_flash_config().compiled
+    if want is not False and r.device.type == "cpu" and r.dropout_p == 0:
+        if compiled.available():
+            return native_attention(r)
+        if want:
+            raise RuntimeError(f"the compiled flash kernel is unavailable: {compiled.build_error()}")
+    # Elsewhere, with dropout, or where the kernel could not be built (compiled.load()
+    # logged why, once): the PyTorch-level loops below compute the same thing.
     tiling = Tiling(r, *tile_sizes(r))
     seed = 0
     if r.dropout_p > 0:
         # One draw from the global generator per call: torch.manual_seed makes it repeatable.
         seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
     args = (tiling, r.scale, r.dropout_p, seed)
+    q, k, v = r.q, r.k, r.v
+    if q.dtype in (torch.float16, torch.bfloat16):
+        # Scores of half inputs are float32 products, as in the reference: a half-precision
+        # q·k can overflow float16 and rounds every score, and CPUs without bf16/fp16
+        # instructions emulate half-precision matmuls ~100x slower than float32 ones.
+        q, k, v = q.float(), k.float(), v.float()
     if r.needs_grad:
-        out, lse = _FlashFunction.apply(r.q, r.k, r.v, *args)
+        out, lse = _FlashFunction.apply(r.q, r.k, r.v, *args)  # upcasts inside autograd
     else:
-        q, k, v = r.q, r.k, r.v
-        if q.dtype == torch.float16 and q.device.type == "cpu":
-            # CPUs without float16 matmul instructions multiply float16 ~10x slower than
-            # float32 (measured here): compute in float32, which is also more accurate.
-            q, k, v = q.float(), k.float(), v.float()
         with torch.no_grad():
             # The log-sum-exp is only worth computing when the weights need it.
             out, lse = kernels.forward(tiling, q, k, v, *args[1:], need_lse=r.need_weights)
@@ -263,6 +297,6 @@ def flash_attention(request: AttentionRequest) -> AttentionResult:
     if r.need_weights:
         with torch.no_grad():
             weights = kernels.attention_weights(
-                tiling, r.q, r.k, lse, r.scale, r.weight_rows, r.average_heads
+                tiling, q, k, lse, r.scale, r.weight_rows, r.average_heads
             ).to(r.dtype)
     return AttentionResult(output=out, weights=weights, backend="flash", lse=lse)

@@ -35,8 +35,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from .flash_pool import run_items
-from .flash_tiles import Tiling
+from .pool import run_items
+from .tiles import Tiling
 
 __all__ = ["attention_weights", "backward", "forward"]
 
@@ -131,17 +131,20 @@ def _softmax_tile(
 
 
 def _keep_scale(
-    seed: int, b: int, heads: slice, i0: int, j0: int, shape: tuple[int, ...], p: float, t: Tiling
+    seed: int, b: int, heads: slice, i0: int, j0: int, shape: tuple[int, ...], p: float, t: Tiling,
+    dtype: torch.dtype,
 ) -> Tensor:
-    """Dropout factors of one tile, 0 or 1 / (1 - p): (h, G, bk), float32.
+    """Dropout factors of one tile, 0 or 1 / (1 - p): (h, G, bk), in ``dtype`` (the tile's).
 
     Drawn from a generator seeded by (call seed, tile position), so backward regenerates
     exactly the tiles forward used without storing them, in any order, on any thread.
+    The factor is built in the tile's own dtype: a float32 1 / (1 - p) would make float64
+    dropout only float32-accurate.
     """
     gen = torch.Generator(device=t.device)
     gen.manual_seed(hash((seed, b, heads.start, i0, j0)) & (2**63 - 1))
     keep = torch.rand(shape, generator=gen, device=t.device) >= p
-    return keep.to(torch.float32).mul_(1.0 / (1.0 - p))
+    return keep.to(dtype).mul_(1.0 / (1.0 - p))
 
 
 def forward(
@@ -196,7 +199,7 @@ def forward(
             masked = t.apply_masks(s, b, heads, rows, kb.j0, kb.j1, kb.band)
             m, inv_z = _softmax_tile(s, masked, stats=need_lse)  # s is now p
             if dropout_p > 0:
-                s.mul_(_keep_scale(seed, b, heads, i0, kb.j0, tuple(s.shape), dropout_p, t))
+                s.mul_(_keep_scale(seed, b, heads, i0, kb.j0, tuple(s.shape), dropout_p, t, s.dtype))
             pv = torch.bmm(_low(s, low, scratch, "p_low"), v3[n, kb.j0 : kb.j1])  # (h, G, d_v)
             out4[n, :, i0:i1] = (pv.masked_fill(m == _NEG_INF, 0.0) if masked else pv).view(
                 h, t.g, i1 - i0, d_v
@@ -225,7 +228,7 @@ def forward(
                 torch.ops.aten._softmax.out(s, -1, False, out=s)  # s is now p
                 torch.amax(s, dim=-1, keepdim=True, out=Z[slot])  # 1 / Z
                 if dropout_p > 0:
-                    s.mul_(_keep_scale(seed, b, heads, i0, kb.j0, tuple(s.shape), dropout_p, t))
+                    s.mul_(_keep_scale(seed, b, heads, i0, kb.j0, tuple(s.shape), dropout_p, t, s.dtype))
                 torch.bmm(_low(s, low, scratch, "p_low"), v3[n, kb.j0 : kb.j1], out=PV[slot])
             used = len(chunk)
             lse_t = M[:used].to(cdt).sub_(torch.log(Z[:used].to(cdt)))  # (used, h, G, 1)
@@ -268,7 +271,8 @@ def backward(
     The per-row factor ``c`` with ``P = p * c`` (p the tile's softmax) is folded into
     ``dO`` and ``D`` (small) instead of into the tile. Items that share keys (same heads,
     different query blocks) run on different threads only when there are too few head
-    chunks to keep every thread busy; each thread then adds into its own dK, dV.
+    chunks to keep every thread busy; each part of the query blocks then adds into its
+    own dK, dV, and the parts are summed in a fixed order (deterministic).
     """
     cdt = q.dtype
     q4, k3, v3 = _by_group(t, q), _by_head(t, k), _by_head(t, v)
@@ -283,20 +287,19 @@ def backward(
     chunks = list(_chunks(t))
     q_blocks = list(t.query_blocks_by_cost())
     shared = t.threads <= 1 or len(chunks) >= 2 * t.threads
-    private: dict[int, tuple[Tensor, Tensor]] = {}
+    # With too few head chunks to keep every thread busy, query blocks are dealt into
+    # ``t.threads`` fixed parts, each with its own dK/dV, summed below in part order:
+    # which thread runs a part never changes the result (bitwise reproducible).
+    parts = 1 if shared else min(t.threads, len(q_blocks))
+    private = [(torch.zeros_like(dk3), torch.zeros_like(dv3)) for _ in range(parts - 1)]
     scratch = _Scratch(q.device)
 
-    def accumulators() -> tuple[Tensor, Tensor]:
-        if shared:
-            return dk3, dv3
-        me = threading.get_ident()
-        if me not in private:
-            private[me] = (torch.zeros_like(dk3), torch.zeros_like(dv3))
-        return private[me]
+    def accumulators(part: int) -> tuple[Tensor, Tensor]:
+        return (dk3, dv3) if part == 0 else private[part - 1]
 
-    def item(b: int, heads: slice, blocks_q: list[tuple[int, int]]) -> None:
+    def item(b: int, heads: slice, blocks_q: list[tuple[int, int]], part: int) -> None:
         n = _problems(t, b, heads)
-        dk_acc, dv_acc = accumulators()
+        dk_acc, dv_acc = accumulators(part)
         dk_n, dv_n = dk_acc[n], dv_acc[n]  # (h, S, d)
         for i0, i1 in blocks_q:
             rows = slice(i0, i1)
@@ -316,8 +319,8 @@ def backward(
                 torch.bmm(d_oc, v3[n, j0:j1].transpose(1, 2), out=dp)  # dP / c
                 p = s
                 if dropout_p > 0:
-                    keep = _keep_scale(seed, b, heads, i0, j0, tuple(s.shape), dropout_p, t)
-                    p = s * keep.to(cdt)  # the dropped weights that multiplied V
+                    keep = _keep_scale(seed, b, heads, i0, j0, tuple(s.shape), dropout_p, t, cdt)
+                    p = s * keep  # the dropped weights that multiplied V
                     dp.mul_(keep)
                 # baddbmm_ into a strided slice would run one small matmul per head;
                 # a batched product plus an add is faster.
@@ -327,12 +330,10 @@ def backward(
                 dk_n[:, j0:j1] += torch.bmm(ds.transpose(1, 2), qs)  # (h, bk, d_k)
             dq4[n, :, i0:i1] = dq_acc.mul_(scale).view(-1, t.g, i1 - i0, d_k)
 
-    if shared:  # each item owns its heads' dK, dV: all query blocks in one item
-        items = [(b, heads, q_blocks) for b, heads in chunks]
-    else:
-        items = [(b, heads, [qb]) for qb in q_blocks for b, heads in chunks]
+    # Each item owns its heads' dK/dV in its part; parts split the query blocks.
+    items = [(b, heads, q_blocks[p::parts], p) for p in range(parts) for b, heads in chunks]
     run_items(item, items, t.threads)
-    for dk_p, dv_p in private.values():
+    for dk_p, dv_p in private:  # fixed order
         dk3 += dk_p
         dv3 += dv_p
     return dq4.view(q.shape), dk3.view(k.shape), dv3.view(v.shape)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .request import AttentionRequest
+from ..request import AttentionRequest
 
 __all__ = ["Tiling"]
 
@@ -72,23 +72,19 @@ class Tiling:
         self.block_q, self.block_k = block_q, block_k
         self.heads, self.threads = min(heads, self.H_kv), threads
         self.device = r.device
-        # Band on diff = key - query - (S - L): allowed iff lo <= diff <= hi.
+        # The band (qkv.Band): allowed iff lo <= key - query - (S - L) <= hi.
+        band = r.band
+        self.band = band
         self.offset = r.S - r.L
-        lo, hi = -math.inf, math.inf
-        if r.causal:
-            hi = 0
-        if r.window is not None:
-            lo = -(r.window - 1)
-            if not r.causal:
-                hi = r.window - 1
-        self.lo, self.hi = lo, hi
+        self.lo = -math.inf if band is None or band.lo is None else band.lo
+        self.hi = math.inf if band is None or band.hi is None else band.hi
         self.mask = self._mask_view(r)
         self._band_cache: dict[tuple[int, int, int], Tensor] = {}
 
     # ------------------------------------------------------------------ the user mask
     def _mask_view(self, r: AttentionRequest) -> Tensor | None:
         """The user mask as ``(..., H_kv | 1, g | 1, L | 1, S)``: a view, never a copy."""
-        m = r.attn_mask
+        m = r.user_mask()  # the caller's mask and key padding; the band stays structured
         if m is None:
             return None
         full_ndim = len(self.batch_shape) + 3
@@ -129,12 +125,9 @@ class Tiling:
 
     def key_range(self, i0: int, i1: int) -> tuple[int, int]:
         """Keys ``[jlo, jhi)`` that some query in ``[i0, i1)`` may see (empty: jlo >= jhi)."""
-        jlo, jhi = 0, self.S
-        if self.lo > -math.inf:
-            jlo = max(jlo, i0 + self.offset + int(self.lo))
-        if self.hi < math.inf:
-            jhi = min(jhi, i1 - 1 + self.offset + int(self.hi) + 1)
-        return jlo, jhi
+        if self.band is None:
+            return 0, self.S
+        return self.band.key_range(i0, i1, self.L, self.S)
 
     def key_blocks(self, i0: int, i1: int) -> list[KeyBlock]:
         """Key tiles for queries ``[i0, i1)``: ``block_k`` keys each, from where the band
@@ -143,9 +136,8 @@ class Tiling:
         blocks = []
         for j0 in range(jlo, jhi, self.block_k):
             j1 = min(j0 + self.block_k, jhi)
-            # The band cuts the tile unless its extreme diffs both lie inside [lo, hi].
-            dmin, dmax = j0 - (i1 - 1) - self.offset, (j1 - 1) - i0 - self.offset
-            blocks.append(KeyBlock(j0, j1, band=dmin < self.lo or dmax > self.hi))
+            cut = self.band is not None and self.band.cuts(i0, i1, j0, j1, self.L, self.S)
+            blocks.append(KeyBlock(j0, j1, band=cut))
         return blocks
 
     def query_blocks(self) -> Iterator[tuple[int, int]]:

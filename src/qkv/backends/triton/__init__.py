@@ -46,6 +46,9 @@ def _supports(request: AttentionRequest) -> str | None:
         return f"triton kernels take float16, bfloat16 or float32, not {r.dtype}"
     if r.device.type != "cuda" and not (r.device.type == "cpu" and interpreting()):
         return "triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
+    if r.device.type == "cpu" and r.dtype == torch.bfloat16:
+        # Triton's CPU interpreter emulates bfloat16 with numpy and returns wrong values.
+        return "the triton CPU interpreter computes bfloat16 wrongly; use a CUDA device"
     if max(r.d_k, r.d_v) > MAX_HEAD_WIDTH:
         return (
             f"triton kernels take head widths up to {MAX_HEAD_WIDTH}, got d_k={r.d_k}, d_v={r.d_v}"

@@ -260,7 +260,7 @@ def run(request: AttentionRequest) -> tuple[Tensor, Tensor | None, Tensor]:
     q = _unit_last(r.q.reshape(-1, r.H, r.L, r.d_k))  # (B, H, L, d_k)
     k = _unit_last(r.k.reshape(-1, r.H_kv, r.S, r.d_k))  # (B, H_kv, S, d_k)
     v = _unit_last(r.v.reshape(-1, r.H_kv, r.S, r.d_v))  # (B, H_kv, S, d_v)
-    mask = prepare_mask(r.attn_mask, batch, r.H, r.L, r.S)
+    mask = prepare_mask(r.user_mask(), batch, r.H, r.L, r.S)
     params = Params(scale=r.scale, causal=r.causal, window=r.window)
     out, lse2 = TritonAttention.apply(q, k, v, mask.tensor, mask.strides, mask.kind, params)
     weights = None
