@@ -4,13 +4,15 @@ Shape legend: B batch · H heads · L query length · S key length · d head wid
 
 Cases (B=1, H=8, d=64, L=S): float32 forward, causal forward, forward+backward and
 causal forward+backward at 512/1024/4096; bfloat16 forward and forward+backward at
-1024/4096; a sliding window of 256 keys (lo=-255, hi=0) at L=8192 against SDPA given
+1024/4096; float16 forward at 1024/4096; a sliding window of 256 keys (lo=-255, hi=0) at L=8192 against SDPA given
 the equivalent dense (L, S) bool mask. Both sides run in this process with the same
 thread count, interleaved round by round; the median of the rounds is reported.
 GFLOP/s count 4*B*H*L*S*d per forward (the allowed fraction of L*S for causal and the
 window) and 3.5x the forward for forward+backward (7 GEMMs instead of 2). "of sgemm" is
 our GFLOP/s divided by the thread count times a measured single-thread float32 GEMM
-of the kernel's tile shape (128 x 512 x 64, the rate MKL reaches on one core).
+of the kernel's tile shape (128 x 512 x 64, the rate MKL reaches on one core);
+"of_fma_peak" divides by the nominal FMA peak (threads x clock x lanes x 2 x 2 units).
+Last, the cost of exact weights for all rows against a forward without weights.
 
     python benchmarks/flash_cpu_kernel.py            # full table, ~2 min on 2 cores
     python benchmarks/flash_cpu_kernel.py --quick    # fewer rounds and no 4096
@@ -67,6 +69,50 @@ def _sgemm_gflops(rounds: int = 5) -> float:
         return 2 * 128 * 512 * 64 / statistics.median(ts) / 1e9
     finally:
         torch.set_num_threads(threads)
+
+
+def _fma_peak_gflops(threads: int) -> dict:
+    """Nominal float32 FMA peak: threads x clock x SIMD lanes x 2 FLOPs x 2 FMA units.
+
+    The clock is /proc/cpuinfo's "cpu MHz" (the current, not the turbo, clock) and two
+    FMA units per core is an assumption (true for recent Xeon/EPYC cores); both are
+    recorded so the figure can be redone.
+    """
+    mhz = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                mhz = float(line.split(":", 1)[1])
+                break
+    except (OSError, ValueError):
+        pass
+    lanes = {"AVX512": 16, "AVX2": 8}.get(torch.backends.cpu.get_cpu_capability(), 4)
+    peak = None if mhz is None else threads * mhz / 1e3 * lanes * 2 * 2
+    return {"cpu_mhz": mhz, "fp32_lanes": lanes, "fma_units_assumed": 2, "gflops": peak}
+
+
+def _weights_cost(L: int, rounds: int, B: int = 1, H: int = 8, d: int = 64) -> dict:
+    """Exact weights of all rows (need_weights=True on "flash") against a forward without."""
+    import qkv
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(B, H, L, d, generator=g) for _ in range(3))
+
+    def plain():
+        qkv.scaled_dot_product_attention(q, k, v, backend="flash")
+
+    def with_weights():
+        qkv.scaled_dot_product_attention(q, k, v, backend="flash", need_weights=True)
+
+    plain(), with_weights()
+    t_plain: list[float] = []
+    t_w: list[float] = []
+    with torch.no_grad():
+        for _ in range(rounds):
+            _time(plain, t_plain)
+            _time(with_weights, t_w)
+    a, b = statistics.median(t_plain), statistics.median(t_w)
+    return {"L": L, "forward_ms": a * 1e3, "with_weights_ms": b * 1e3, "ratio": b / a}
 
 
 def _allowed_fraction(L: int, lo: int | None, hi: int | None) -> float:
@@ -159,9 +205,11 @@ def main() -> None:
     plan = [(kind, L, torch.float32) for kind in kinds for L in lengths]
     half_lengths = [1024] if args.quick else [1024, 4096]
     plan += [(kind, L, torch.bfloat16) for kind in ("fwd", "fwd+bwd") for L in half_lengths]
+    plan += [("fwd", L, torch.float16) for L in half_lengths]
     plan += [("window256", 2048 if args.quick else 8192, torch.float32)]
     sgemm = _sgemm_gflops()
-    print(f"single-thread sgemm (128x512x64): {sgemm:.1f} GFLOP/s")
+    fma = _fma_peak_gflops(torch.get_num_threads())
+    print(f"single-thread sgemm (128x512x64): {sgemm:.1f} GFLOP/s; FMA peak {fma}")
     rows = []
     print(
         f"{'case':10} {'dtype':9} {'L':>5} {'ours ms':>9} {'sdpa ms':>9} {'x sdpa':>7} "
@@ -170,6 +218,7 @@ def main() -> None:
     for kind, L, dtype in plan:
         r = _case(kind, L, dtype, max(3, rounds if L < 4096 else rounds - 2))
         r["of_sgemm"] = r["ours_gflops"] / (sgemm * torch.get_num_threads())
+        r["of_fma_peak"] = None if fma["gflops"] is None else r["ours_gflops"] / fma["gflops"]
         rows.append(r)
         print(
             f"{r['case']:10} {r['dtype']:9} {L:5d} {r['ours_ms']:9.2f} {r['sdpa_ms']:9.2f} "
@@ -177,6 +226,11 @@ def main() -> None:
             f"{r['of_sgemm']:8.2f}",
             flush=True,
         )
+    weights = _weights_cost(1024 if args.quick else 4096, 3 if args.quick else 5)
+    print(
+        f"exact weights, all rows, L={weights['L']}: {weights['with_weights_ms']:.1f} ms vs "
+        f"{weights['forward_ms']:.1f} ms without ({weights['ratio']:.2f}x; goal <= 2x)"
+    )
     meta = {
         "cpu": _cpu_model(),
         "capability": torch.backends.cpu.get_cpu_capability(),
@@ -188,9 +242,12 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "quick": args.quick,
         "sgemm_1thread_gflops": sgemm,
+        "fma_peak": fma,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps({"meta": meta, "results": rows, "weights_cost": weights}, indent=2) + "\n"
+    )
     print(json.dumps(meta))
     print(f"wrote {args.out}")
 

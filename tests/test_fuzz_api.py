@@ -46,7 +46,7 @@ HALF = (torch.float16, torch.bfloat16)
 F32_MIN = torch.finfo(torch.float32).min
 
 VALID = settings(
-    max_examples=120,
+    max_examples=200,
     deadline=None,
     derandomize=True,
     database=None,
@@ -428,6 +428,8 @@ def _check_valid(c: Case) -> None:
         for what, got, want in pairs:
             err_t = (got.double() - want.double()).abs()
             tol = rounding_bound(what)
+            if what == "dmask":  # the mask's gradient comes in the mask's own dtype
+                tol = tol + torch.finfo(c.mask_dtype).eps * want.abs().max()
             per_row = what in ("output", "weights")
             excess = (err_t.amax(-1) if per_row else err_t.max()) - tol
             if dtype in HALF:

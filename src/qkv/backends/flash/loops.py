@@ -351,9 +351,9 @@ def attention_weights(
     """Exact softmax weights, recomputed tile by tile; only what is asked is allocated.
 
     Returns (..., H, R, S), or (..., R, S) with ``average_heads`` (R = len(rows), or L).
-    A first pass corrects the saved ``lse`` with an accurate ``exp`` (the forward's fast
-    softmax leaves it ~1e-6 off in float32), so rows sum to 1 to rounding; a second pass
-    writes ``exp(s - lse)``. Each tile holds every head of one batch element, so the
+    A first pass sums ``exp(s - lse)`` with an accurate ``exp`` (the forward's fast softmax
+    leaves ``lse`` ~1e-6 off in float32); a second pass writes ``exp(s - lse) / sum``, so
+    rows sum to 1 to rounding. Each tile holds every head of one batch element, so the
     average over heads is taken inside the tile. Rows with no allowed key are zero.
     """
     cdt = lse.dtype
@@ -380,12 +380,13 @@ def attention_weights(
             s = _scores(qs, k3[n, kb.j0 : kb.j1], cdt, scratch)
             t.apply_masks(s, b, heads, sel, kb.j0, kb.j1, t.has_band)
             total += s.sub_(row_lse).exp_().sum(-1, keepdim=True)
-        exact_lse = row_lse + torch.log(total)  # +inf stays +inf: zero weights
-        exact_lse.masked_fill_(total == 0, math.inf)
+        # Divide by the sum rather than fold log(total) into the lse: next to an lse near
+        # float32's limit (a float mask of finfo.min) the correction would be absorbed.
+        inv_total = torch.where(total > 0, 1 / total, torch.zeros_like(total))
         for kb in blocks:  # pass 2: the weights themselves
             s = _scores(qs, k3[n, kb.j0 : kb.j1], cdt, scratch)
             t.apply_masks(s, b, heads, sel, kb.j0, kb.j1, t.has_band)
-            w = s.sub_(exact_lse).exp_().view(H, r1 - r0, kb.j1 - kb.j0)  # (H, r, bk)
+            w = s.sub_(row_lse).exp_().mul_(inv_total).view(H, r1 - r0, kb.j1 - kb.j0)
             if average_heads:
                 weights[b, r0:r1, kb.j0 : kb.j1] = w.mean(dim=0)
             else:
