@@ -46,7 +46,7 @@ HALF = (torch.float16, torch.bfloat16)
 F32_MIN = torch.finfo(torch.float32).min
 
 VALID = settings(
-    max_examples=200,
+    max_examples=300,
     deadline=None,
     derandomize=True,
     database=None,

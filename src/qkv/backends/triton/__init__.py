@@ -62,6 +62,13 @@ def _supports(request: AttentionRequest) -> str | None:
     mask = r.attn_mask
     if mask is not None and mask.requires_grad and torch.is_grad_enabled():
         return "triton kernels give no gradient to attn_mask"
+    if r.need_weights and mask is not None and mask.is_floating_point():
+        # The weights kernel normalises by the saved log-sum-exp; next to a finite mask
+        # value near float32's limit the row sum is absorbed into it (weights summing to
+        # S), so such weights go to a backend that divides by the row sum.
+        huge = (mask > float("-inf")) & (mask < -1e30)
+        if bool(huge.any()):
+            return "triton weights are inexact for finite float-mask values below -1e30"
     return None
 
 

@@ -201,7 +201,11 @@ def _masked_scores(
     if MASK_KIND == MASK_FLOAT:
         m = tl.load(mptrs, mask=in_bounds, other=float("-inf")).to(tl.float32)
         # In raw units: (s + m / scale) * scale * log2(e) = base-2 (scaled score + m).
-        s = s + m * (LOG2E / qk_scale)
+        m_raw = m * (LOG2E / qk_scale)
+        # A finite mask near float32's limit (finfo.min) must stay finite in raw units:
+        # it shifts the row (uniform weights, as in float32 arithmetic), not forbid it.
+        m_raw = tl.where((m_raw == float("-inf")) & (m > float("-inf")), -3.0e38, m_raw)
+        s = s + m_raw
     if MASK_KIND == MASK_BOOL:
         s = tl.where(tl.load(mptrs, mask=in_bounds, other=0) != 0, s, float("-inf"))
     if boundary:  # runtime: only edge tiles pay for the structural mask
