@@ -23,6 +23,7 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("QKV_AUTO_CALIBRATION", "1")
     monkeypatch.setattr(calibration, "_loaded", {})
+    monkeypatch.setattr(calibration, "_by_threads", {})
     return tmp_path
 
 
@@ -37,6 +38,7 @@ def test_calibration_is_bounded_cached_and_reset(cache, monkeypatch):
     assert saved["cells"] == result.cells
     # A new process reads the file instead of measuring again.
     monkeypatch.setattr(calibration, "_loaded", {})
+    monkeypatch.setattr(calibration, "_by_threads", {})
     monkeypatch.setattr(calibration, "calibrate", lambda *a, **k: pytest.fail("measured again"))
     assert calibration.lookup().cells == result.cells
     assert calibration.reset() == [path] and not path.exists()

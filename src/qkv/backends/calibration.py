@@ -24,6 +24,7 @@ still apply).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -51,6 +52,7 @@ BUDGET_S = 45.0
 
 _lock = threading.Lock()
 _loaded: dict[str, Calibration] = {}
+_by_threads: dict[tuple, Calibration] = {}
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,13 @@ def enabled() -> bool:
 
 
 def _machine() -> dict:
+    """What the verdicts depend on; all but the thread count is read once per process
+    (``"auto"`` looks the calibration up on every call, so this must cost nothing)."""
+    return {**_static_machine(), "threads": torch.get_num_threads()}
+
+
+@functools.cache
+def _static_machine() -> dict:
     from .flash import compiled
 
     model = ""
@@ -97,7 +106,6 @@ def _machine() -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "bf16_dot": compiled.has_bf16_dot(),
         "fp16_dot": compiled.has_fp16_dot(),
-        "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "kernel": compiled.extension_dir().name,
     }
@@ -106,9 +114,13 @@ def _machine() -> dict:
 def cache_path(machine: dict | None = None) -> Path:
     machine = machine or _machine()
     key = hashlib.sha256(json.dumps(machine, sort_keys=True).encode()).hexdigest()[:16]
+    return _cache_root() / f"{key}.json"
+
+
+def _cache_root() -> Path:
     root = os.environ.get("QKV_CACHE_DIR")
     base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return (base / "auto" if root else base / "qkv" / "auto") / f"{key}.json"
+    return base / "auto" if root else base / "qkv" / "auto"
 
 
 def reset() -> list[Path]:
@@ -120,6 +132,7 @@ def reset() -> list[Path]:
             p.unlink(missing_ok=True)
             removed.append(p)
     _loaded.clear()
+    _by_threads.clear()
     return removed
 
 
@@ -198,6 +211,7 @@ def _calibrate(budget_s: float, log: Callable[[str], None] | None) -> Calibratio
     except OSError as exc:  # an unwritable cache only costs measuring again next time
         logger.warning("qkv auto: could not write the calibration cache %s (%s)", path, exc)
     _loaded[str(path)] = result
+    _by_threads.clear()
     return result
 
 
@@ -210,22 +224,34 @@ def lookup() -> Calibration | None:
 
     if not enabled() or not compiled.available():
         return None
+    # Fast path, on every "auto" call: the verdicts already loaded for this thread count
+    # and cache folder (the folder can change between tests through QKV_CACHE_DIR).
+    env = os.environ
+    fast_key = (torch.get_num_threads(), env.get("QKV_CACHE_DIR"), env.get("XDG_CACHE_HOME"))
+    hit = _by_threads.get(fast_key)
+    if hit is not None:
+        return hit
     path = cache_path()
     key = str(path)
     with _lock:
-        if key in _loaded:
-            return _loaded[key]
-        try:
-            data = json.loads(path.read_text())
-            _loaded[key] = Calibration(data["machine"], data["cells"])
-            return _loaded[key]
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        logger.warning(
-            "qkv auto: timing torch and flash on this machine once (under %.0f s; cached "
-            "in %s; `qkv calibrate` does it ahead of time, QKV_AUTO_CALIBRATION=0 skips it)",
-            BUDGET_S,
-            path,
-        )
-        _loaded[key] = calibrate()
+        if key not in _loaded:
+            _load_or_measure(path, key)
+        _by_threads[fast_key] = _loaded[key]
         return _loaded[key]
+
+
+def _load_or_measure(path: Path, key: str) -> None:
+    """Fill ``_loaded[key]`` from the disk cache, or by measuring now (logged: it pauses)."""
+    try:
+        data = json.loads(path.read_text())
+        _loaded[key] = Calibration(data["machine"], data["cells"])
+        return
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    logger.warning(
+        "qkv auto: timing torch and flash on this machine once (under %.0f s; cached "
+        "in %s; `qkv calibrate` does it ahead of time, QKV_AUTO_CALIBRATION=0 skips it)",
+        BUDGET_S,
+        path,
+    )
+    _loaded[key] = calibrate()
