@@ -7,8 +7,9 @@ this machine: a bounded micro-benchmark times both backends, interleaved, on a s
 grid of cells and caches the result on disk:
 
     cells      dtype (float32, bfloat16, float16) x pass (forward, forward+backward)
-               x causal (off, on) x length L = S (256, 1024, 4096); B = 1, d = 64,
-               H = 8 (2 at 4096, to bound the cost: per-head work is what matters)
+               x causal (off, on) x length L = S (256, 512, 1,024, 2,048, 4,096);
+               B = 1, d = 64, H = 8 (2 from 2,048, to bound the cost: per-head work
+               is what matters); under a minute on 2 cores
     verdict    "flash" when its median time is below torch's, else "torch"
     lookup     a request uses the cell of its dtype, pass and causality whose length is
                nearest in log2(L * S); float64 and masks use the same cells as float32
@@ -45,10 +46,10 @@ __all__ = ["Calibration", "cache_path", "calibrate", "enabled", "lookup", "reset
 logger = logging.getLogger("qkv")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-LENGTHS = (256, 1024, 4096)
+LENGTHS = (256, 512, 1024, 2048, 4096)
 #: Seconds the whole measurement may take (the cells are ordered so the most common
 #: requests are measured first; cells left unmeasured keep "torch").
-BUDGET_S = 45.0
+BUDGET_S = 60.0
 
 _lock = threading.Lock()
 _loaded: dict[str, Calibration] = {}

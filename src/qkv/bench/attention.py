@@ -317,7 +317,10 @@ def _run_case(cfg, impls, meter, dtype, mode, causal, L, state: _Series):
     g = torch.Generator().manual_seed(cfg.seed + L)
     shape = (cfg.batch, cfg.heads, L, cfg.head_dim)  # (B, H, L, d); S = L
     q, k, v, gout = (torch.randn(shape, generator=g).to(DTYPES[dtype]) for _ in range(4))
-    auto = choose_backend(make_request(q, k, v, is_causal=causal)).name
+    # auto's choice for the request as timed: with gradients in forward+backward mode.
+    grad = mode == "fwd+bwd"
+    probe = [t.detach().requires_grad_(grad) for t in (q, k, v)]
+    auto = choose_backend(make_request(*probe, is_causal=causal)).name
     calls, skipped = {}, {}
     for impl in impls:
         reason = _skip_reason(impl, cfg, q, k, v, causal, mode, L, state)

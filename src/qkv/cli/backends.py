@@ -49,7 +49,7 @@ def backends_command() -> None:
 def calibrate_command(
     reset: bool = typer.Option(False, "--reset", help="Forget the cached measurement."),
     budget: float = typer.Option(
-        45.0, "--budget", help="Seconds the measurement may take (cells past it keep torch)."
+        60.0, "--budget", help="Seconds the measurement may take (cells past it keep torch)."
     ),
 ) -> None:
     """Time "torch" against "flash" once, so "auto" picks the faster one on this machine."""
