@@ -6,4 +6,4 @@ it, its modules are not collected rather than failing collection of the whole su
 
 import importlib.util
 
-collect_ignore_glob = [] if importlib.util.find_spec("transformers") else ["qkv/hf/*"]
+collect_ignore_glob = [] if importlib.util.find_spec("transformers") else ["src/qkv/hf/*"]
