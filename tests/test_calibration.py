@@ -86,3 +86,9 @@ def test_calibrate_command(cache, capsys):
     assert main(["backends"]) == 0
     out = capsys.readouterr().out
     assert "CPU capability" in out and "compiled flash kernel" in out
+
+
+def test_tiny_requests_never_trigger_a_measurement(cache, monkeypatch):
+    monkeypatch.setattr(calibration, "calibrate", lambda *a, **k: pytest.fail("measured"))
+    q, k, v = make_qkv(1, 2, L=12, d_k=8, dtype=torch.float32)
+    assert dispatch.choose_backend(make_request(q, k, v)).name == "torch"

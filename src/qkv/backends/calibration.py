@@ -47,6 +47,10 @@ logger = logging.getLogger("qkv")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LENGTHS = (256, 512, 1024, 2048, 4096)
+#: Requests with fewer scores per head than this (half the smallest measured length,
+#: squared) stay on "torch" without a measurement: both take microseconds there, and a
+#: short sentence should never make a program pause to calibrate.
+SMALLEST_SCORES = (LENGTHS[0] // 2) ** 2
 #: Seconds the whole measurement may take (the cells are ordered so the most common
 #: requests are measured first; cells left unmeasured keep "torch").
 BUDGET_S = 60.0

@@ -17,7 +17,8 @@ rule, none of them a constant timed on some machine:
   with L != S (SDPA needs a dense mask for the bottom-right alignment);
 * **this machine's measurement** (:mod:`.calibration`): for plain and causal requests
   that both serve, the backend that was faster in the nearest measured cell (dtype,
-  forward or forward+backward, causal, length), measured once per machine and cached.
+  forward or forward+backward, causal, length), measured once per machine and cached;
+  requests below the measured grid (fewer than 128 x 128 scores) stay on ``"torch"``.
 
 Weight requests go to ``"flash"`` (exact weights from its log-sum-exp, memory only for
 what is returned) and fall back to ``"reference"`` where flash refuses them.
@@ -68,6 +69,8 @@ def _prefer_flash(r: AttentionRequest) -> bool:
         return False
     if r.window is not None or (r.causal and r.L != r.S and not r.has_mask_tensor):
         return True  # structure: flash skips what SDPA must compute or read densely
+    if r.L * r.S < calibration.SMALLEST_SCORES:
+        return False  # below the measured grid: no measurement (no pause) for tiny inputs
     verdicts = calibration.lookup()
     if verdicts is None:
         return False
