@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -32,17 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from qkv._cpu import cpu_mhz, cpu_model, isa_flags
 from qkv.backends.flash import compiled
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _time(fn, rounds_out: list[float]) -> None:
@@ -78,14 +68,7 @@ def _fma_peak_gflops(threads: int) -> dict:
     FMA units per core is an assumption (true for recent Xeon/EPYC cores); both are
     recorded so the figure can be redone.
     """
-    mhz = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("cpu MHz"):
-                mhz = float(line.split(":", 1)[1])
-                break
-    except (OSError, ValueError):
-        pass
+    mhz = cpu_mhz()
     lanes = {"AVX512": 16, "AVX2": 8}.get(torch.backends.cpu.get_cpu_capability(), 4)
     peak = None if mhz is None else threads * mhz / 1e3 * lanes * 2 * 2
     return {"cpu_mhz": mhz, "fp32_lanes": lanes, "fma_units_assumed": 2, "gflops": peak}
@@ -232,7 +215,8 @@ def main() -> None:
         f"{weights['forward_ms']:.1f} ms without ({weights['ratio']:.2f}x; goal <= 2x)"
     )
     meta = {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
+        "cpu_flags": isa_flags(),
         "capability": torch.backends.cpu.get_cpu_capability(),
         "has_bf16_dot": compiled.has_bf16_dot(),
         "has_fp16_dot": compiled.has_fp16_dot(),

@@ -156,6 +156,22 @@ def check_index_list(name: str, value: object, size: int, size_name: str, device
     return rows.long() % size
 
 
+#: Allocations below this size are never refused up front (and cost no memory query).
+_CHECK_MEMORY_FROM_BYTES = 64 << 20
+
+
+def free_memory_if_short(nbytes: int, device: torch.device) -> int | None:
+    """The bytes free on ``device`` when ``nbytes`` would not fit there, else None.
+
+    Sizes under 64 MiB are not checked: refusing them could only ever be wrong, and the
+    query (/proc/meminfo, cudaMemGetInfo) would cost time on every small call.
+    """
+    if nbytes < _CHECK_MEMORY_FROM_BYTES:
+        return None
+    free = available_memory(device)
+    return free if free is not None and nbytes > free else None
+
+
 def available_memory(device: torch.device) -> int | None:
     """Bytes that could still be allocated on ``device`` (None when unknown)."""
     if device.type == "cuda":

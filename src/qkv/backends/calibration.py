@@ -41,6 +41,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .._cpu import cpu_model
+
 __all__ = ["Calibration", "cache_path", "calibrate", "enabled", "lookup", "reset"]
 
 logger = logging.getLogger("qkv")
@@ -98,16 +100,8 @@ def _machine() -> dict:
 def _static_machine() -> dict:
     from .flash import compiled
 
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "cpu_model": model,
+        "cpu_model": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "bf16_dot": compiled.has_bf16_dot(),
         "fp16_dot": compiled.has_fp16_dot(),

@@ -100,9 +100,7 @@ def choose_backend(request: AttentionRequest) -> Backend:
     raise ValueError(f"no backend can serve this request ({reasons})")
 
 
-_SELECTED: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "qkv_backend", default=None
-)
+_SELECTED: contextvars.ContextVar[str | None] = contextvars.ContextVar("qkv_backend", default=None)
 
 
 @contextlib.contextmanager

@@ -57,20 +57,14 @@ def select_weights(weights: Tensor, request: AttentionRequest) -> Tensor:
     return weights
 
 
-#: From this many scores per call the reference checks that its dense tensors fit.
-_CHECK_MEMORY_FROM = 1 << 22
-
-
 def _supports(request: AttentionRequest) -> str | None:
     # The specification serves every valid request that fits in memory: it holds a few
     # dense (..., H, L, S) tensors (scores, exponentials, weights) in the compute dtype.
     r = request
     count = math.prod(r.batch_shape) * r.H * r.L * r.S
-    if count < _CHECK_MEMORY_FROM:
-        return None
     need = 4 * count * torch.finfo(r.compute_dtype).bits // 8
-    free = C.available_memory(r.device)
-    if free is not None and need > free:
+    free = C.free_memory_if_short(need, r.device)
+    if free is not None:
         return (
             f"the reference holds dense (..., H, L, S) scores: about {C.human_bytes(need)}, "
             f"more than the {C.human_bytes(free)} free"

@@ -260,8 +260,8 @@ def _check_weights_fit(
     size = count * q.element_size()
     if q.dtype in C.HALF_DTYPES:
         size += count * 4
-    free = C.available_memory(q.device)
-    if free is not None and size > free:
+    free = C.free_memory_if_short(size, q.device)
+    if free is not None:
         raise ValueError(
             f"need_weights=True asks for weights of shape "
             f"({', '.join(map(str, (*q.shape[:-3], *(() if average_heads else (H,)), R, S)))})"

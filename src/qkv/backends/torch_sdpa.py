@@ -53,7 +53,13 @@ def _supports(request: AttentionRequest) -> str | None:
 def torch_attention(request: AttentionRequest) -> AttentionResult:
     r = request
     mask, is_causal, dead = None, False, None
-    if r.attn_mask is None and r.key_padding is None and r.window is None and r.causal and r.L == r.S:
+    if (
+        r.attn_mask is None
+        and r.key_padding is None
+        and r.window is None
+        and r.causal
+        and r.L == r.S
+    ):
         is_causal = True  # SDPA's own causal path: no mask tensor, no empty rows
     elif r.has_mask:
         mask = r.dense_mask()  # bool or float, broadcastable to (..., H, L, S)

@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from .._cpu import cpu_model, isa_flags
+
 __all__ = [
     "MemoryMeter",
     "Timing",
@@ -71,31 +73,6 @@ def fmt_ms(ms: float) -> str:
 # --------------------------------------------------------------------- machine
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _isa_flags() -> list[str]:
-    """The SIMD / matrix instruction flags of /proc/cpuinfo that decide kernel speed."""
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [w for w in wanted if w in have]
-    except OSError:
-        pass
-    return []
-
-
 def _total_ram_gib() -> float | None:
     try:
         with open("/proc/meminfo") as f:
@@ -111,7 +88,7 @@ def machine_info() -> dict[str, Any]:
     """What the figures depend on: CPU, cores, threads, memory, versions, load."""
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     return {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "logical_cpus": os.cpu_count(),
         "cpus_usable": affinity,
         "ram_gib": _total_ram_gib(),
@@ -119,7 +96,7 @@ def machine_info() -> dict[str, Any]:
         "torch_version": torch.__version__,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         # What the kernels may use: bf16/fp16 dot products only where the CPU has them.
-        "cpu_flags": _isa_flags(),
+        "cpu_flags": isa_flags(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         # A busy shared machine shows here; the figures are noisier then.

@@ -271,7 +271,9 @@ def flash_attention(request: AttentionRequest) -> AttentionResult:
         if compiled.available():
             return native_attention(r)
         if want:
-            raise RuntimeError(f"the compiled flash kernel is unavailable: {compiled.build_error()}")
+            raise RuntimeError(
+                f"the compiled flash kernel is unavailable: {compiled.build_error()}"
+            )
     # Elsewhere, with dropout, or where the kernel could not be built (compiled.load()
     # logged why, once): the PyTorch-level loops below compute the same thing.
     tiling = Tiling(r, *tile_sizes(r))

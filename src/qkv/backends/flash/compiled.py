@@ -30,6 +30,7 @@ means unbounded (passed to C++ as ``∓UNBOUNDED``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -42,6 +43,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from ..._cpu import cpu_flags
 
 __all__ = [
     "UNBOUNDED",
@@ -73,17 +76,6 @@ _state: dict[str, Any] = {"tried": False, "ok": False, "error": None, "seconds":
 # --------------------------------------------------------------------------- CPU flags
 
 
-def _cpu_flags() -> frozenset[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
-
-
 def _torch_cpu_check(name: str) -> bool:
     fn = getattr(torch._C._cpu, name, None)
     try:
@@ -92,13 +84,14 @@ def _torch_cpu_check(name: str) -> bool:
         return False
 
 
+@functools.cache  # consulted on every kernel call; the CPU does not change
 def has_bf16_dot() -> bool:
     """True when the CPU multiplies bfloat16 natively (avx512_bf16 or AMX-BF16).
 
     Only then is a bfloat16 GEMM faster than converting tiles to float32; elsewhere
     oneDNN/MKL emulate it, about 100x slower.
     """
-    flags = _cpu_flags()
+    flags = cpu_flags()
     return (
         "avx512_bf16" in flags
         or "amx_bf16" in flags
@@ -106,9 +99,10 @@ def has_bf16_dot() -> bool:
     )
 
 
+@functools.cache
 def has_fp16_dot() -> bool:
     """True when the CPU multiplies float16 natively (avx512_fp16 or AMX-FP16)."""
-    flags = _cpu_flags()
+    flags = cpu_flags()
     return (
         "avx512_fp16" in flags or "amx_fp16" in flags or _torch_cpu_check("_is_amx_fp16_supported")
     )
@@ -342,7 +336,7 @@ def _backward_half_dot(dtype: torch.dtype) -> bool:
     if dtype == torch.bfloat16:
         return has_bf16_dot()
     if dtype == torch.float16:
-        return "amx_fp16" in _cpu_flags()
+        return "amx_fp16" in cpu_flags()
     return False
 
 

@@ -131,7 +131,14 @@ def _softmax_tile(
 
 
 def _keep_scale(
-    seed: int, b: int, heads: slice, i0: int, j0: int, shape: tuple[int, ...], p: float, t: Tiling,
+    seed: int,
+    b: int,
+    heads: slice,
+    i0: int,
+    j0: int,
+    shape: tuple[int, ...],
+    p: float,
+    t: Tiling,
     dtype: torch.dtype,
 ) -> Tensor:
     """Dropout factors of one tile, 0 or 1 / (1 - p): (h, G, bk), in ``dtype`` (the tile's).
@@ -199,7 +206,9 @@ def forward(
             masked = t.apply_masks(s, b, heads, rows, kb.j0, kb.j1, kb.band)
             m, inv_z = _softmax_tile(s, masked, stats=need_lse)  # s is now p
             if dropout_p > 0:
-                s.mul_(_keep_scale(seed, b, heads, i0, kb.j0, tuple(s.shape), dropout_p, t, s.dtype))
+                s.mul_(
+                    _keep_scale(seed, b, heads, i0, kb.j0, tuple(s.shape), dropout_p, t, s.dtype)
+                )
             pv = torch.bmm(_low(s, low, scratch, "p_low"), v3[n, kb.j0 : kb.j1])  # (h, G, d_v)
             out4[n, :, i0:i1] = (pv.masked_fill(m == _NEG_INF, 0.0) if masked else pv).view(
                 h, t.g, i1 - i0, d_v
@@ -228,7 +237,11 @@ def forward(
                 torch.ops.aten._softmax.out(s, -1, False, out=s)  # s is now p
                 torch.amax(s, dim=-1, keepdim=True, out=Z[slot])  # 1 / Z
                 if dropout_p > 0:
-                    s.mul_(_keep_scale(seed, b, heads, i0, kb.j0, tuple(s.shape), dropout_p, t, s.dtype))
+                    s.mul_(
+                        _keep_scale(
+                            seed, b, heads, i0, kb.j0, tuple(s.shape), dropout_p, t, s.dtype
+                        )
+                    )
                 torch.bmm(_low(s, low, scratch, "p_low"), v3[n, kb.j0 : kb.j1], out=PV[slot])
             used = len(chunk)
             lse_t = M[:used].to(cdt).sub_(torch.log(Z[:used].to(cdt)))  # (used, h, G, 1)
