@@ -90,21 +90,10 @@ def _problems(t: Tiling, b: int, heads: slice) -> slice:
     return slice(b * t.H_kv + heads.start, b * t.H_kv + heads.stop)
 
 
-def _low(x: Tensor, dtype: torch.dtype | None, scratch: _Scratch, name: str) -> Tensor:
-    """``x`` as a matmul operand: unchanged, or copied to ``dtype`` in a reused buffer."""
-    if dtype is None or x.dtype == dtype:
-        return x
-    return scratch.get(name, tuple(x.shape), dtype).copy_(x)
-
-
 def _scores(qs: Tensor, k_blk: Tensor, cdt: torch.dtype, scratch: _Scratch) -> Tensor:
-    """Scaled scores of one tile in dtype ``cdt``: (h, G, bk), in a reused buffer."""
+    """Scaled scores of one tile: (h, G, bk), in a reused buffer (``cdt`` is q's dtype)."""
     shape = (qs.shape[0], qs.shape[1], k_blk.shape[1])
-    s = scratch.get("s", shape, cdt)
-    if qs.dtype == cdt:
-        return torch.bmm(qs, k_blk.transpose(1, 2), out=s)
-    low = torch.bmm(qs, k_blk.transpose(1, 2), out=scratch.get("s_low", shape, qs.dtype))
-    return s.copy_(low)
+    return torch.bmm(qs, k_blk.transpose(1, 2), out=scratch.get("s", shape, cdt))
 
 
 def _softmax_tile(
@@ -170,19 +159,11 @@ def forward(
     compute dtype (``-inf`` for a row with no allowed key), or ``None`` when not
     ``need_lse`` and every row's keys fit in one tile (then no statistics are computed).
 
-    Half inputs (inference; training upcasts first, see :mod:`.flash`): scores are
-    half-precision products as in the reference, the tile softmax runs on them directly
-    (PyTorch computes it in float32 inside and rounds p once, as the reference rounds its
-    weights before p @ V) and P @ V multiplies half operands. That saves two conversion
-    passes per tile; the statistics m and 1/Z are then known to half precision only, an
-    error far below the scores' own rounding. Float masks (added in float32, as the
-    reference does) and dropout use float32 tiles.
+    Inputs are float32 or float64: the backend upcasts half inputs before calling (see
+    :func:`qkv.backends.flash.flash_attention`), so every tile computes in q's dtype.
     """
-    cdt = torch.float32 if q.dtype in _HALF else q.dtype
-    low = q.dtype if q.dtype in _HALF else None  # P @ V operand dtype
-    sdt = cdt  # dtype of the tile softmax
-    if low is not None and dropout_p == 0 and (t.mask is None or t.mask.dtype == torch.bool):
-        sdt = low
+    assert q.dtype not in _HALF, "the flash backend upcasts half inputs first"  # invariant
+    cdt = q.dtype
     q4, k3, v3 = _by_group(t, q), _by_head(t, k), _by_head(t, v)
     d_v = v.shape[-1]
     out4 = torch.zeros(t.N, t.g, t.L, d_v, dtype=q.dtype, device=q.device)  # (N, g, L, d_v)
@@ -202,14 +183,14 @@ def forward(
         if len(blocks) == 1:
             # One tile holds every key these rows see: p is already the final softmax.
             kb = blocks[0]
-            s = _scores(qs, k3[n, kb.j0 : kb.j1], sdt, scratch)  # (h, G, bk)
+            s = _scores(qs, k3[n, kb.j0 : kb.j1], cdt, scratch)  # (h, G, bk)
             masked = t.apply_masks(s, b, heads, rows, kb.j0, kb.j1, kb.band)
             m, inv_z = _softmax_tile(s, masked, stats=need_lse)  # s is now p
             if dropout_p > 0:
                 s.mul_(
                     _keep_scale(seed, b, heads, i0, kb.j0, tuple(s.shape), dropout_p, t, s.dtype)
                 )
-            pv = torch.bmm(_low(s, low, scratch, "p_low"), v3[n, kb.j0 : kb.j1])  # (h, G, d_v)
+            pv = torch.bmm(s, v3[n, kb.j0 : kb.j1])  # (h, G, d_v)
             out4[n, :, i0:i1] = (pv.masked_fill(m == _NEG_INF, 0.0) if masked else pv).view(
                 h, t.g, i1 - i0, d_v
             )
@@ -220,14 +201,14 @@ def forward(
         # Several key tiles: each tile's normalised p @ V and its statistics go into
         # stacks (a handful of ops per tile), merged by log-sum-exp once per group.
         size = min(len(blocks), _GROUP)
-        PV = scratch.get("PV", (size, h, G, d_v), low or cdt)
-        M = scratch.get("M", (size, h, G, 1), sdt)
-        Z = scratch.get("Z", (size, h, G, 1), sdt)
+        PV = scratch.get("PV", (size, h, G, d_v), cdt)
+        M = scratch.get("M", (size, h, G, 1), cdt)
+        Z = scratch.get("Z", (size, h, G, 1), cdt)
         acc = lse_run = None
         for start in range(0, len(blocks), _GROUP):
             chunk = blocks[start : start + _GROUP]
             for slot, kb in enumerate(chunk):
-                s = _scores(qs, k3[n, kb.j0 : kb.j1], sdt, scratch)  # (h, G, bk)
+                s = _scores(qs, k3[n, kb.j0 : kb.j1], cdt, scratch)  # (h, G, bk)
                 masked = t.apply_masks(s, b, heads, rows, kb.j0, kb.j1, kb.band)
                 torch.amax(s, dim=-1, keepdim=True, out=M[slot])
                 if masked:
@@ -242,7 +223,7 @@ def forward(
                             seed, b, heads, i0, kb.j0, tuple(s.shape), dropout_p, t, s.dtype
                         )
                     )
-                torch.bmm(_low(s, low, scratch, "p_low"), v3[n, kb.j0 : kb.j1], out=PV[slot])
+                torch.bmm(s, v3[n, kb.j0 : kb.j1], out=PV[slot])
             used = len(chunk)
             lse_t = M[:used].to(cdt).sub_(torch.log(Z[:used].to(cdt)))  # (used, h, G, 1)
             pv_t = PV[:used]
