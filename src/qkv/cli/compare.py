@@ -86,13 +86,13 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option("all-MiniLM-L6-v2", help="Model name or model directory."),
     ) -> None:
         """How similar WORD's vectors are in two sentences, at every layer."""
-        from .. import pretrained
+        from ..explain.models import load_model
 
         for name, text in (("TEXT_A", text_a), ("TEXT_B", text_b)):
             if not text.strip():
                 raise ValueError(f"{name} is empty: give a sentence")
         check_baseline_scale(baseline_scale)
-        m = pretrained.load(model)
+        m = load_model(model)
         cmp = compare_word(
             m, text_a, text_b, word, truncate=truncate, baseline_scale=baseline_scale
         )
@@ -110,14 +110,20 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option("all-MiniLM-L6-v2", help="Model name or model directory."),
     ) -> None:
         """Cosine similarity of sentence embeddings (mean-pooled, normalised)."""
-        from .. import pretrained
+        from ..explain.models import load_model
 
         if len(sentences) < 2:
             raise ValueError(f"give at least two sentences to compare, got {len(sentences)}")
         for i, s in enumerate(sentences):
             if not s.strip():
                 raise ValueError(f"sentence {i + 1} is empty")
-        m = pretrained.load(model)
+        m = load_model(model)
+        if getattr(m, "causal", False):
+            raise UsageError(
+                f"--model {model} is a causal language model: it has no sentence embedding, "
+                "so `qkv similarity` cannot compare sentences with it (use the default "
+                "all-MiniLM-L6-v2); `qkv compare` and `qkv explain` do work with it"
+            )
         for i, s in enumerate(sentences):
             # A sentence of zero-width or control characters only is not blank to
             # str.strip() but holds no word for the model: its embedding would be

@@ -211,7 +211,7 @@ def run(
     backend: str,
     out: Console,
 ) -> Explanation:
-    from .. import pretrained
+    from ..explain.models import load_model
 
     if not isinstance(text, str) or not text.strip():
         raise ValueError("text is empty: give a sentence to explain")
@@ -220,7 +220,7 @@ def run(
     check_baseline_scale(baseline_scale)
     if out_dir is not None:
         check_out_dir("--out", out_dir)
-    model = pretrained.load(model_name, backend=backend)
+    model = load_model(model_name, backend=backend)
     n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
     _check_range("--layer", layer, n_layers)
     _check_range("--head", head, n_heads)
@@ -275,7 +275,10 @@ def register(app: typer.Typer) -> None:
         baseline_scale: float = typer.Option(
             1.0, help="Multiplier of the baseline's dot products (1 = plain)."
         ),
-        model: str = typer.Option("all-MiniLM-L6-v2", help="Model name or model directory."),
+        model: str = typer.Option(
+            "all-MiniLM-L6-v2",
+            help="all-MiniLM-L6-v2, smollm2 (make llm) or a local transformers model folder.",
+        ),
         backend: str = typer.Option("auto", help="Attention backend for the model's layers."),
     ) -> None:
         """Show what a trained model attends to, layer by layer, for one word of TEXT."""

@@ -13,8 +13,9 @@ Conventions (the command line and the explorer follow them):
   over keys) and the mean of their vectors. Keys stay individual pieces.
 * **A word that occurs several times**: the first occurrence is used.
 * **The most focused head** of a layer, for the focus word, is the head whose largest
-  weight on one *other* word (not the focus word's own pieces, not [CLS] or [SEP]) is
-  the highest of all heads. Plain "lowest entropy" would nearly always pick a head that
+  weight on one *other* word (not the focus word's own pieces, not [CLS] or [SEP], and
+  in a causal decoder not the first token, its attention sink) is the highest of all
+  heads. Plain "lowest entropy" would nearly always pick a head that
   parks its attention on [CLS] or [SEP], which BERT heads do when they have nothing to
   look up; the question here is which head links the word to its context.
 """
@@ -177,6 +178,7 @@ class Explanation:
         baseline_context: ``(L, d_model)`` its context vectors.
         stages: baseline, then layers 1..n.
         movement: input, baseline, then layers 1..n.
+        causal: True for a causal decoder: row i sees keys 0..i (the baseline too).
     """
 
     text: TokenizedText
@@ -186,6 +188,7 @@ class Explanation:
     baseline_context: Tensor
     stages: tuple[StageAttention, ...]
     movement: tuple[Movement, ...]
+    causal: bool = False
 
     @property
     def tokens(self) -> list[str]:
@@ -219,16 +222,24 @@ def explain(
     """Run ``text`` through ``model`` and gather what ``qkv explain`` shows about ``focus``.
 
     ``baseline_scale`` multiplies the baseline's dot products (1 = the seeds' plain
-    dot product; smaller values soften its softmax).
+    dot product; smaller values soften its softmax). ``model`` is a
+    :class:`~qkv.pretrained.SentenceEncoder` or a :class:`qkv.hf.explain_model.HFModel`;
+    for a causal decoder (``model.causal``) the baseline is causal too, so that it
+    answers the same question as the layers: what each token looks back at.
     """
     run = model.run(text, truncate=truncate)
     tokenized = run.texts[0]
     where = find_focus(tokenized, focus, model.tokenizer.normalize)
+    causal = bool(getattr(model, "causal", False))
     x = run.embeddings[0]  # (L, d_model)
-    base = simple_attention(x, need_weights=True, scale=baseline_scale)  # q = k = v = x
+    base = simple_attention(x, need_weights=True, scale=baseline_scale, is_causal=causal)
     base_ctx, base_w = base  # (L, d_model), (L, S)
     pos = list(where.positions)
     exclude = set(pos) | {i for i, t in enumerate(tokenized.tokens) if t in SPECIAL_TOKENS}
+    if causal and len(tokenized.tokens) > 1:
+        # Decoder heads with nothing to look up park their weight on the first token
+        # (an "attention sink"), as BERT heads park it on [CLS]/[SEP].
+        exclude.add(0)
 
     stages = []
     for label, w in [("baseline", base_w.unsqueeze(0))] + [
@@ -263,7 +274,7 @@ def explain(
             )
         )
         prev = h_f
-    return Explanation(tokenized, where, run, base_w, base_ctx, tuple(stages), tuple(moves))
+    return Explanation(tokenized, where, run, base_w, base_ctx, tuple(stages), tuple(moves), causal)
 
 
 @dataclass(frozen=True)
@@ -294,7 +305,8 @@ def word_vectors(
     run = model.run(text, truncate=truncate)
     where = find_focus(run.texts[0], word, model.tokenizer.normalize, what="word", where=name)
     x = run.embeddings[0]  # (L, d_model)
-    base_ctx = simple_attention(x, scale=baseline_scale)  # (L, d_model)
+    causal = bool(getattr(model, "causal", False))
+    base_ctx = simple_attention(x, scale=baseline_scale, is_causal=causal)  # (L, d_model)
     per_stage = [x, base_ctx, *(layer.hidden[0] for layer in run.layers)]
     labels = ("input", "baseline", *(f"layer {n + 1}" for n in range(len(run.layers))))
     vectors = torch.stack([_focus_vector(h, where) for h in per_stage])  # (n_stages, d_model)
