@@ -657,3 +657,44 @@ def test_softcapping_model_raises():
     ids, mask = batch("none")
     with torch.no_grad(), pytest.raises(NotImplementedError, match="softcapping"):
         model(ids, attention_mask=mask)
+
+
+# ---------------------------------------------------------------- qkv explain --model DIR
+
+
+def word_tokenizer(words: list[str]):
+    """A fast word-level tokenizer over ``words`` (no download), as transformers saves it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<pad>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>")
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_explain_reads_any_local_transformers_folder(kind, tmp_path, capsys):
+    from qkv.cli.app import main
+
+    words = ["the", "cat", "sat", "on", "mat", "because", "it", "was", "tired"]
+    eager, _ = pair(kind)
+    eager.save_pretrained(tmp_path / "model")
+    word_tokenizer(words).save_pretrained(tmp_path / "model")
+    argv = ["explain", "the cat sat on the mat because it was tired", "--focus", "it"]
+    code = main([*argv, "--model", str(tmp_path / "model"), "--out", str(tmp_path / "out")])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    n = N_LAYERS[kind]
+    assert f"{n} layers" in out.out and f"layer {n}" in out.out
+    assert (tmp_path / "out" / "explorer.html").is_file()
+
+
+def test_explain_folder_without_safetensors_is_a_one_line_error(tmp_path, capsys):
+    from qkv.cli.app import main
+
+    eager, _ = pair("llama")
+    eager.config.save_pretrained(tmp_path)  # config.json only
+    assert main(["explain", "a b", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "safetensors" in err and "Traceback" not in err
