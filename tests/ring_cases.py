@@ -216,6 +216,34 @@ def round_trip() -> dict:
     return ok
 
 
+def decoder_gradients() -> float:
+    """Worst relative error (float64) of a decoder's parameter gradients when the trainer's
+    context-parallel path shards each sequence over the world, against one process."""
+    from qkv.train.ddp import ContextGroups
+    from qkv.train.models import ModelConfig, build_model
+    from qkv.train.tasks import Batch
+    from qkv.train.trainer import _context_parallel_losses, _token_losses
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    cfg = ModelConfig(kind="decoder", vocab_size=11, d_model=16, num_heads=2, max_len=16)
+    model = build_model(cfg).double()
+    gen = torch.Generator().manual_seed(1)
+    # 13 tokens, padded to 16 = max_len (a multiple of 2W for W = 2 and 4).
+    x, y = (torch.randint(0, 11, (3, 13), generator=gen) for _ in range(2))
+    _token_losses(model(x), y).sum().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    cp = ContextGroups(size=world, rank=rank, data_rank=0, data_size=1, group=dist.group.WORLD)
+    _context_parallel_losses(model, Batch(x, y), cp, cfg.max_len).sum().backward()
+    worst = 0.0
+    for name, p in model.named_parameters():
+        total = p.grad.clone()
+        dist.all_reduce(total)  # what DDP's sum over processes gives
+        worst = max(worst, _rel(total, ref[name], ref[name]))
+    return worst
+
+
 def worker(rank: int, world: int, port: int, out_dir: str, device: str = "cpu") -> None:
     """Entry point of one spawned process: join the group, run everything, write JSON.
 
@@ -236,7 +264,9 @@ def worker(rank: int, world: int, port: int, out_dir: str, device: str = "cpu") 
         halves = _halves(world)
         report: dict = {"cases": {}}
         if device == "cpu":
-            report.update(errors=error_cases(), round_trip=round_trip())
+            report.update(
+                errors=error_cases(), round_trip=round_trip(), decoder=decoder_gradients()
+            )
         for case in cases():
             if device == "cuda" and case.compiled is not None:
                 continue  # the compiled kernel is a CPU kernel

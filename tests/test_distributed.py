@@ -110,6 +110,15 @@ def test_shard_gather_round_trip(world, tmp_path_factory):
     assert reports[0]["round_trip"]["zigzag_rank_chunks"] == [0, 1, 2 * last, 2 * last + 1]
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world", WORLDS)
+def test_trainer_shards_give_one_process_gradients(world, tmp_path_factory):
+    # The trainer's context-parallel path (padding, zigzag shards, global positions,
+    # ring attention in every layer) in float64: the summed gradients are exact.
+    for report in _reports(world, tmp_path_factory):
+        assert report["decoder"] <= 1e-12
+
+
 def test_needs_a_process_group():
     x = torch.randn(1, 2, 4, 8)
     with pytest.raises(ValueError, match="init_process_group"):
