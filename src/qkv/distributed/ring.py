@@ -145,7 +145,7 @@ class _Ring:
         return self._global((self.rank - 1) % self.world)
 
     def _global(self, r: int) -> int:
-        return dist.get_global_rank(self.group or dist.group.WORLD, r)
+        return dist.get_global_rank(dist.group.WORLD if self.group is None else self.group, r)
 
     def pairs(self, source: int) -> list[blocks.Pair]:
         """The tiles of this rank's queries x the key/value block of rank ``source``."""
