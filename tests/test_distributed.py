@@ -20,6 +20,7 @@ import torch
 import torch.multiprocessing as mp
 
 import qkv.distributed as qd
+from qkv.backends.flash import compiled
 from ring_cases import cases, worker
 
 WORLDS = (2, 4)
@@ -36,6 +37,9 @@ def _reports(world: int, tmp_path_factory, device: str = "cpu") -> list[dict]:
     """Every rank's report of one spawned group (spawned on first use, then reused)."""
     key = (world, device)
     if key not in _REPORTS:
+        # Build (or find) the compiled kernel here first: otherwise every spawned process
+        # would wait on the build lock in turn when the cache is cold.
+        compiled.available()
         folder = tmp_path_factory.mktemp(f"ring{world}{device}")
         mp.spawn(worker, args=(world, _free_port(), str(folder), device), nprocs=world)
         _REPORTS[key] = [
