@@ -249,6 +249,19 @@ CASES: list[Case] = [
         lambda ws: ["train", *TINY, "--resume", "--out", str(ws.root / "no-run-here")],
         ("no-run-here", "holds no run"),
     ),
+    # train --context-parallel: a bad count, or no torchrun processes to split over
+    (
+        "train-context-parallel-zero",
+        "train",
+        lambda ws: ["train", *TINY, "--context-parallel", "0", "--out", str(ws.root / "cp0")],
+        ("--context-parallel", "positive"),
+    ),
+    (
+        "train-context-parallel-no-torchrun",
+        "train",
+        lambda ws: ["train", *TINY, "--context-parallel", "2", "--out", str(ws.root / "cp2")],
+        ("--context-parallel 2", "torchrun"),
+    ),
     # generate: the same damage, through the run folder or the checkpoint itself
     (
         "generate-truncated",

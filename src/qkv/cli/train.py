@@ -8,6 +8,7 @@ errors naming the option, and damaged run files are reported by the trainer's
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -50,12 +51,19 @@ def _train_cmd(app: typer.Typer) -> None:
         threads: int = typer.Option(
             None, help="torch CPU threads (default: 1 per torchrun process)."
         ),
+        context_parallel: int = typer.Option(
+            1,
+            "--context-parallel",
+            help="Split each sequence over N torchrun processes (ring attention, decoder "
+            "models); the process count must be a multiple of N, the rest is data parallel.",
+        ),
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
         """Train a small transformer whose attention is fixed, qk or trainable."""
         from ..train.trainer import TrainConfig, TrainingDiverged, finished_results, train
 
         check_out_dir("--out", out)
+        _check_context_parallel(context_parallel)
         if text is not None:
             check_read_file("--text", text)
         cfg = TrainConfig(
@@ -88,7 +96,14 @@ def _train_cmd(app: typer.Typer) -> None:
         was_finished = resume and finished_results(out, cfg.steps) is not None
         try:
             with user_paths("--out", out):
-                results = train(cfg, out, resume=resume, progress=progress, threads=threads)
+                results = train(
+                    cfg,
+                    out,
+                    resume=resume,
+                    progress=progress,
+                    threads=threads,
+                    context_parallel=context_parallel,
+                )
         except TrainingDiverged as err:
             raise UsageError(str(err)) from err
         if was_finished:
@@ -97,6 +112,18 @@ def _train_cmd(app: typer.Typer) -> None:
         typer.echo(
             f"{task}/{attention} seed {seed}: test loss {t['loss']:.4f}, token accuracy "
             f"{t['token_acc']:.4f}, answer accuracy {t['seq_acc']:.4f} ({out})"
+        )
+
+
+def _check_context_parallel(n: int) -> None:
+    """--context-parallel N: a positive N that divides the number of torchrun processes."""
+    if n < 1:
+        raise UsageError(f"--context-parallel must be a positive integer, got {n}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % n:
+        raise UsageError(
+            f"--context-parallel {n} needs a multiple of {n} processes, got {world}; start "
+            f"them with torchrun --nproc_per_node={n} (or a multiple of {n})"
         )
 
 

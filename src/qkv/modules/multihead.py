@@ -10,6 +10,7 @@ from ..backends import make_request
 from ..backends.dispatch import run
 from ..cache import KVCache
 from ..config import AttentionConfig
+from ..distributed.context import current_context_parallel
 from ..result import AttentionResult
 
 __all__ = ["MultiHeadAttention"]
@@ -125,6 +126,31 @@ class MultiHeadAttention(nn.Module):
         v = self.v_proj(value).view(B, -1, H_kv, d).transpose(1, 2)  # (B, H_kv, S_new, d_v)
 
         causal = cfg.causal if is_causal is None else is_causal
+        sharded = current_context_parallel()
+        if sharded is not None:
+            # Inside qkv.distributed.context_parallel: the input is this rank's shard.
+            plain = key is query and value is key
+            extras = attn_mask, key_padding_mask, cache
+            if not plain or any(x is not None for x in extras) or need_weights:
+                raise ValueError(
+                    "inside qkv.distributed.context_parallel only plain self-attention runs "
+                    "sharded: no key/value of its own, attn_mask, key_padding_mask, cache or "
+                    "need_weights (each would need the whole sequence)"
+                )
+            if self.training and cfg.dropout > 0:
+                raise ValueError("context parallel attention has no dropout; set dropout=0")
+            from ..distributed.ring import ring_attention
+
+            out = ring_attention(
+                q,
+                k,
+                v,
+                is_causal=causal,
+                enable_gqa=True,
+                group=sharded.group,
+                layout=sharded.layout,
+            )  # (B, H, L, d_v): this rank's shard of the whole sequence's attention
+            return self.out_proj(out.transpose(1, 2).reshape(B, L, cfg.d_model))
         # Masks are checked by make_request; the cache is only committed after success.
         if cache is not None:
             # Staged, not committed: a call refused below leaves the cache unchanged.

@@ -6,6 +6,14 @@ starts N copies of the same command; torchrun sets ``RANK``, ``WORLD_SIZE``,
 batch of a step (batches are a pure function of the step), keeps its own slice of
 rows, and DDP averages the gradients, so N processes take exactly the steps one
 process takes with the same global batch. The backend is gloo on CPU, NCCL on GPU.
+
+With ``--context-parallel N`` the world is a grid of ``dp x N`` processes: the N
+consecutive ranks ``[g N, (g + 1) N)`` form context group ``g`` (consecutive, so a
+ring stays inside one machine when torchrun puts N or more processes on each), which
+splits each sequence of data shard ``g`` with ring attention (:mod:`qkv.distributed`).
+DDP still averages gradients over the whole world: that sum over every process is
+the sum over the context group and over the data groups at once, so no separate data
+group is needed.
 """
 
 from __future__ import annotations
@@ -17,7 +25,16 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["DistInfo", "all_reduce_sum", "barrier", "init_distributed", "shutdown", "wrap"]
+__all__ = [
+    "ContextGroups",
+    "DistInfo",
+    "all_reduce_sum",
+    "barrier",
+    "context_groups",
+    "init_distributed",
+    "shutdown",
+    "wrap",
+]
 
 
 @dataclass(frozen=True)
@@ -59,6 +76,44 @@ def init_distributed(device: str = "auto") -> DistInfo:
             torch.cuda.set_device(dev)
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return DistInfo(rank, world, local_rank, dev)
+
+
+@dataclass(frozen=True)
+class ContextGroups:
+    """This process's place in the ``data x context`` grid.
+
+    Attributes:
+        size: processes per context group (N); 1 means no context parallelism.
+        rank: this process's rank inside its context group.
+        data_rank, data_size: which of the ``world / N`` data shards it works on.
+        group: its context group (``dist.new_group``), None when ``size == 1``.
+    """
+
+    size: int = 1
+    rank: int = 0
+    data_rank: int = 0
+    data_size: int = 1
+    group: dist.ProcessGroup | None = None
+
+
+def context_groups(info: DistInfo, size: int) -> ContextGroups:
+    """Split the world into context groups of ``size`` consecutive ranks (every rank
+    must call this: each ``new_group`` is a collective over the whole world)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"context_parallel must be a positive integer, got {size!r}")
+    if size == 1:
+        return ContextGroups(data_rank=info.rank, data_size=info.world_size)
+    if info.world_size % size:
+        raise ValueError(
+            f"context_parallel={size} must divide the number of processes "
+            f"({info.world_size}; start them with torchrun --nproc_per_node)"
+        )
+    mine = None
+    for start in range(0, info.world_size, size):
+        group = dist.new_group(list(range(start, start + size)))
+        if start <= info.rank < start + size:
+            mine = group
+    return ContextGroups(size, info.rank % size, info.rank // size, info.world_size // size, mine)
 
 
 def wrap(model: nn.Module, info: DistInfo) -> nn.Module:

@@ -197,8 +197,9 @@ class _Base(nn.Module):
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
 
-    def _embed(self, tokens: Tensor, offset: int) -> Tensor:
-        """Tokens (B, L) -> embeddings (B, L, d_model), positions starting at ``offset``."""
+    def _embed(self, tokens: Tensor, offset: int, positions: Tensor | None = None) -> Tensor:
+        """Tokens (B, L) -> embeddings (B, L, d_model), positions starting at ``offset``
+        (or the given ``positions`` (L,), e.g. a context-parallel shard's global ones)."""
         tokens = C.check_tensor("tokens", tokens)
         if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(
@@ -206,6 +207,16 @@ class _Base(nn.Module):
                 f"{C.shape(tokens)}"
             )
         L = tokens.shape[1]
+        if positions is not None:
+            positions = C.check_tensor("positions", positions)
+            if positions.shape != (L,) or positions.dtype != torch.int64:
+                raise ValueError(
+                    f"positions must be an int64 tensor of shape (L,) = ({L},), got "
+                    f"{positions.dtype} {C.shape(positions)}"
+                )
+            if L and not 0 <= int(positions.min()) <= int(positions.max()) < self.config.max_len:
+                raise ValueError(f"positions must lie in [0, max_len={self.config.max_len})")
+            return self.tok_emb(tokens) + self.pos_emb(positions)  # (B, L, d_model)
         if offset + L > self.config.max_len:
             raise ValueError(
                 f"sequence of {offset + L} positions exceeds max_len={self.config.max_len}"
@@ -237,6 +248,7 @@ class DecoderOnly(_Base):
         *,
         caches: list[KVCache] | None = None,
         need_weights: bool = False,
+        positions: Tensor | None = None,
     ) -> Tensor | ModelOutput:
         """Next-token logits.
 
@@ -245,12 +257,17 @@ class DecoderOnly(_Base):
             caches: one :class:`qkv.KVCache` per layer (from :meth:`new_caches`); the
                 tokens continue the cached sequence.
             need_weights: return a :class:`ModelOutput` with per-layer weights.
+            positions: ``(L,)`` position of each token in the whole sequence (default
+                ``0..L-1`` after the cache): a context-parallel shard passes its own
+                (see :mod:`qkv.distributed`).
 
         Returns:
             logits ``(B, L, V)``, or a :class:`ModelOutput`.
         """
+        if positions is not None and caches is not None:
+            raise ValueError("pass positions or caches, not both (a cache knows its positions)")
         offset = 0 if caches is None else len(caches[0])
-        x = self._embed(tokens, offset)  # (B, L, d_model)
+        x = self._embed(tokens, offset, positions)  # (B, L, d_model)
         out = ModelOutput(logits=x)
         for i, block in enumerate(self.blocks):
             cache = None if caches is None else caches[i]

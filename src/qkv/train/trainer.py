@@ -211,6 +211,30 @@ def _token_losses(logits: Tensor, labels: Tensor) -> Tensor:
     ).view(B, L)
 
 
+def _context_parallel_losses(net, batch: Batch, cp: ddp.ContextGroups, max_len: int) -> Tensor:
+    """Per-token losses ``(B, L_pad / N)`` of this process's shard of every sequence.
+
+    The sequences are padded at the end to a multiple of ``2 N`` (the zigzag layout,
+    which balances the causal work) with ignored labels. Under the causal mask no real
+    token attends to a later one, so the padding changes no real token's loss; its
+    positions repeat the last embedding row when ``max_len`` does not cover them.
+    """
+    from ..distributed import context_parallel, shard_sequence
+
+    L = batch.inputs.shape[1]
+    pad = (-L) % (2 * cp.size)
+    inputs = F.pad(batch.inputs, (0, pad), value=0)  # (B, L_pad); any id: never attended
+    labels = F.pad(batch.labels, (0, pad), value=IGNORE)  # (B, L_pad)
+    positions = torch.arange(L + pad, device=inputs.device).clamp_(max=max_len - 1)
+
+    def mine(t: Tensor, dim: int) -> Tensor:
+        return shard_sequence(t, dim, cp.group, "zigzag")
+
+    with context_parallel(cp.group, "zigzag"):
+        logits = net(mine(inputs, 1), positions=mine(positions, 0))  # (B, L_pad / N, V)
+    return _token_losses(logits, mine(labels, 1))
+
+
 @torch.no_grad()
 def evaluate(model, batches: list[Batch], info: ddp.DistInfo | None = None) -> dict:
     """Mean loss per answer token, token accuracy and whole-answer accuracy.
@@ -552,6 +576,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     threads: int | None = None,
+    context_parallel: int = 1,
 ) -> dict:
     """Train as ``cfg`` says, writing the run directory ``out``; returns the final metrics.
 
@@ -561,6 +586,11 @@ def train(
         resume: continue from the newest checkpoint in ``out`` (the config must match).
         progress: show a progress bar (process 0 only).
         threads: torch CPU threads for this process (default: 1 under torchrun).
+        context_parallel: split each sequence over this many processes with ring
+            attention (decoder models; the number of torchrun processes must be a
+            multiple of it, the rest is data parallelism; see :mod:`.ddp`). Like the
+            process count it changes how a run is computed, not what is trained, so it
+            is not part of the run's settings: a run may resume with another value.
 
     Raises:
         TrainingDiverged: the loss became NaN or infinite; the last good checkpoint is kept.
@@ -569,24 +599,33 @@ def train(
     info = ddp.init_distributed(cfg.device)
     saved_threads = torch.get_num_threads()
     try:
-        return _train(cfg, Path(out), resume, progress, threads, info)
+        return _train(cfg, Path(out), resume, progress, threads, info, context_parallel)
     finally:
         torch.set_num_threads(saved_threads)  # callers in this process keep their setting
         ddp.shutdown(info)
 
 
-def _train(cfg, out: Path, resume, progress, threads, info: ddp.DistInfo) -> dict:
+def _train(
+    cfg, out: Path, resume, progress, threads, info: ddp.DistInfo, context_parallel: int = 1
+) -> dict:
     if threads is None and info.distributed:
         threads = 1  # N processes on N cores: one thread each avoids oversubscription
     if threads is not None:
         torch.set_num_threads(C.check_positive_int("threads", threads))
-    if cfg.batch_size % info.world_size:
+    cp = ddp.context_groups(info, context_parallel)
+    if cfg.batch_size % cp.data_size:
         raise ValueError(
             f"batch_size={cfg.batch_size} must be divisible by the number of processes "
             f"({info.world_size})"
+            + (f" divided by context_parallel={cp.size}" if cp.size > 1 else "")
         )
     task = build_task(cfg)
     mcfg = model_config(cfg, task)
+    if cp.size > 1 and mcfg.kind != "decoder":
+        raise ValueError(
+            f"context_parallel={cp.size} splits decoder-only models; the {cfg.task} task "
+            f"trains an {mcfg.kind} model here (pass --model decoder)"
+        )
     settings = run_config(cfg, task, mcfg)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file, not a run folder; choose another --out")
@@ -652,7 +691,7 @@ def _train(cfg, out: Path, resume, progress, threads, info: ddp.DistInfo) -> dic
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.task}/{cfg.attention}", unit="step")
-    shard = cfg.batch_size // info.world_size
+    shard = cfg.batch_size // cp.data_size
     t0, tokens_t0 = time.perf_counter(), 0
     model.train()
     for step in range(start, cfg.steps):
@@ -661,10 +700,16 @@ def _train(cfg, out: Path, resume, progress, threads, info: ddp.DistInfo) -> dic
             g["lr"] = lr
         full = task.train_batch(step, cfg.batch_size, mcfg.kind)
         n_tokens = int((full.labels != IGNORE).sum())  # over the global batch
-        batch = full.rows(info.rank * shard, (info.rank + 1) * shard).to(info.device)
-        losses = _token_losses(forward_logits(net, batch), batch.labels)
+        batch = full.rows(cp.data_rank * shard, (cp.data_rank + 1) * shard).to(info.device)
+        if cp.group is None:
+            losses = _token_losses(forward_logits(net, batch), batch.labels)
+        else:
+            losses = _context_parallel_losses(net, batch, cp, mcfg.max_len)
         # Sum over this shard / tokens of the whole batch, times the number of processes
         # (DDP averages gradients): every process's gradient adds up to the global mean.
+        # With context parallelism a shard is part of each row; ring attention's backward
+        # hands every process the gradient of all processes' losses through its keys and
+        # values, so the same sum over all processes is again the global mean's gradient.
         loss = losses.sum() * (info.world_size / n_tokens)
         total = ddp.all_reduce_sum(losses.sum().detach().double().cpu().reshape(1), info)
         step_loss = total.item() / n_tokens
