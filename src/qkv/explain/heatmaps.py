@@ -28,7 +28,7 @@ from torch import Tensor
 from .analysis import Explanation
 from .colour import ColourScale, colour_scale
 
-__all__ = ["save_heatmaps", "tick_positions"]
+__all__ = ["heatmap_figures", "save_heatmaps", "tick_positions"]
 
 _CMAP = "Blues"  # the page interpolates the same nine ColorBrewer colours
 _MASKED = "#d9d9d9"
@@ -80,7 +80,9 @@ def _draw(
         aspect="equal",
         interpolation="nearest",
     )
-    ticks = tick_positions(L, most_labels, tuple(focus_rows))
+    # The focus word's first piece is always labelled (the box marks the others:
+    # three adjacent red labels would overlap).
+    ticks = tick_positions(L, most_labels, (focus_rows[0],))
     labels = [tokens[i] for i in ticks]
     ax.set_xticks(ticks, labels if x_labels else [], rotation=90, fontsize=fontsize)
     ax.set_yticks(ticks, labels if y_labels else [], fontsize=fontsize)
@@ -89,6 +91,7 @@ def _draw(
         for pos, label in zip(ticks, axis_labels, strict=False):
             if pos in focus_rows:
                 label.set_color(_FOCUS)
+                label.set_fontweight("bold")
     # Box the focus word's rows so the eye finds them.
     top, bottom = min(focus_rows) - 0.5, max(focus_rows) + 0.5
     ax.plot(
@@ -120,6 +123,97 @@ def _caption(expl: Explanation) -> str:
     return f"rows (queries) look at columns (keys); focus {expl.focus.label} boxed{masked}"
 
 
+def heatmap_figures(
+    expl: Explanation,
+    *,
+    layer: int | None = None,
+    head: int | None = None,
+    scale: ColourScale | None = None,
+) -> dict[str, object]:
+    """The figures :func:`save_heatmaps` writes, by file name (matplotlib ``Figure``s).
+
+    Arguments as for :func:`save_heatmaps`.
+    """
+    from matplotlib.figure import Figure
+
+    tokens, rows = expl.tokens, expl.focus.positions
+    n = len(expl.stages)  # the baseline and layers 1..n-1
+    n_layers = n - 1
+    layer = n_layers if layer is None else layer
+    if scale is None:
+        scale = colour_scale((expl.stage_weights(s) for s in range(n)), causal=expl.causal)
+    figures: dict[str, object] = {}
+
+    cols = min(n, 4)
+    grid = -(-n // cols)  # ceil: rows of panels
+    fig = Figure(figsize=(3.6 * cols, 3.8 * grid), layout="constrained")
+    axes = fig.subplots(grid, cols, squeeze=False)
+    image = None
+    for s, ax in enumerate(axes.flat):
+        if s >= n:
+            ax.axis("off")
+            continue
+        w = expl.stage_weights(s).mean(0)  # (L, S): average over heads
+        image = _draw(ax, w, tokens, rows, scale, causal=expl.causal, most_labels=30, fontsize=6)
+        ax.set_title("untrained baseline" if s == 0 else f"layer {s} · head average", fontsize=9)
+    fig.colorbar(image, ax=axes, shrink=0.6, label=scale.label)
+    fig.suptitle(f"Attention weights: {_caption(expl)}", fontsize=10)
+    figures["overview.png"] = fig
+
+    weights = expl.stage_weights(layer)  # (H, L, S)
+    H = weights.shape[0]
+    cols = 6 if H % 6 == 0 else min(H, 4)
+    grid = -(-H // cols)
+    fig = Figure(figsize=(2.6 * cols + 1.0, 2.7 * grid + 0.6), layout="constrained")
+    axes = fig.subplots(grid, cols, squeeze=False)
+    for h, ax in enumerate(axes.flat):
+        if h >= H:
+            ax.axis("off")
+            continue
+        image = _draw(
+            ax,
+            weights[h],
+            tokens,
+            rows,
+            scale,
+            causal=expl.causal,
+            most_labels=12,
+            fontsize=5,
+            x_labels=h + cols >= H,  # labels on the outer panels only: less clutter
+            y_labels=h % cols == 0,
+        )
+        ax.set_title(f"head {h + 1}", fontsize=8)
+    fig.colorbar(image, ax=axes, shrink=0.7, label=scale.label)
+    fig.suptitle(f"Layer {layer}, every head: {_caption(expl)}", fontsize=10)
+    figures[f"layer{layer}_heads.png"] = fig
+
+    if head is not None:
+        side = min(16.0, max(4.5, 0.38 * len(tokens) + 2.5))
+        fig = Figure(figsize=(side + 1.2, side), layout="constrained")
+        ax = fig.subplots()
+        image = _draw(
+            ax,
+            weights[head - 1],
+            tokens,
+            rows,
+            scale,
+            causal=expl.causal,
+            most_labels=80,
+            numbers=len(tokens) <= 24,
+        )
+        fig.colorbar(image, ax=ax, shrink=0.7, label=scale.label)
+        ax.set_title(f"Layer {layer}, head {head}", fontsize=10)
+        figures[f"layer{layer}_head{head}.png"] = fig
+    return figures
+
+
+def _dpi(name: str) -> int:
+    # The single head's figure gets the most dots: its printed numbers must stay legible.
+    if name == "overview.png":
+        return 100
+    return 110 if name.endswith("_heads.png") else 130
+
+
 def save_heatmaps(
     expl: Explanation,
     out_dir: str | Path,
@@ -138,81 +232,10 @@ def save_heatmaps(
         scale: the colour scale; default :func:`~qkv.explain.colour.colour_scale` of
             every head of every stage (what the explorer page uses too).
     """
-    from matplotlib.figure import Figure
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokens, rows = expl.tokens, expl.focus.positions
-    n = len(expl.stages)  # the baseline and layers 1..n-1
-    n_layers = n - 1
-    layer = n_layers if layer is None else layer
-    if scale is None:
-        scale = colour_scale((expl.stage_weights(s) for s in range(n)), causal=expl.causal)
     paths = []
-
-    cols = min(n, 4)
-    grid = -(-n // cols)  # ceil: rows of panels
-    fig = Figure(figsize=(3.6 * cols, 3.8 * grid), layout="constrained")
-    axes = fig.subplots(grid, cols, squeeze=False)
-    image = None
-    for s, ax in enumerate(axes.flat):
-        if s >= n:
-            ax.axis("off")
-            continue
-        w = expl.stage_weights(s).mean(0)  # (L, S): average over heads
-        image = _draw(ax, w, tokens, rows, scale, causal=expl.causal, most_labels=30, fontsize=6)
-        ax.set_title("untrained baseline" if s == 0 else f"layer {s} · head average", fontsize=9)
-    fig.colorbar(image, ax=axes, shrink=0.6, label=scale.label)
-    fig.suptitle(f"Attention weights: {_caption(expl)}", fontsize=10)
-    paths.append(out / "overview.png")
-    fig.savefig(paths[-1], dpi=100)
-
-    weights = expl.stage_weights(layer)  # (H, L, S)
-    H = weights.shape[0]
-    cols = 6 if H % 6 == 0 else min(H, 4)
-    grid = -(-H // cols)
-    fig = Figure(figsize=(2.6 * cols + 1.0, 2.7 * grid + 0.6), layout="constrained")
-    axes = fig.subplots(grid, cols, squeeze=False)
-    for h, ax in enumerate(axes.flat):
-        if h >= H:
-            ax.axis("off")
-            continue
-        c = h % cols
-        last_in_column = h + cols >= H
-        image = _draw(
-            ax,
-            weights[h],
-            tokens,
-            rows,
-            scale,
-            causal=expl.causal,
-            most_labels=12,
-            fontsize=5,
-            x_labels=last_in_column,  # labels on the outer panels only: less clutter
-            y_labels=c == 0,
-        )
-        ax.set_title(f"head {h + 1}", fontsize=8)
-    fig.colorbar(image, ax=axes, shrink=0.7, label=scale.label)
-    fig.suptitle(f"Layer {layer}, every head: {_caption(expl)}", fontsize=10)
-    paths.append(out / f"layer{layer}_heads.png")
-    fig.savefig(paths[-1], dpi=110)
-
-    if head is not None:
-        side = min(16.0, max(4.5, 0.38 * len(tokens) + 2.5))
-        fig = Figure(figsize=(side + 1.2, side), layout="constrained")
-        ax = fig.subplots()
-        image = _draw(
-            ax,
-            weights[head - 1],
-            tokens,
-            rows,
-            scale,
-            causal=expl.causal,
-            most_labels=80,
-            numbers=len(tokens) <= 24,
-        )
-        fig.colorbar(image, ax=ax, shrink=0.7, label=scale.label)
-        ax.set_title(f"Layer {layer}, head {head}", fontsize=10)
-        paths.append(out / f"layer{layer}_head{head}.png")
-        fig.savefig(paths[-1], dpi=130)
+    for name, fig in heatmap_figures(expl, layer=layer, head=head, scale=scale).items():
+        paths.append(out / name)
+        fig.savefig(paths[-1], dpi=_dpi(name))
     return paths
