@@ -143,7 +143,9 @@ def print_explanation(
     word = escape(focus.label)
     out.print(f"Focus: [bold]{word}[/bold] = {escape(where)}{more}\n")
 
-    sep = " · " if width >= _WIDE else "\n"
+    # Narrow: one "token weight" per line, so no entry is ever split across lines.
+    wide = width >= _WIDE
+    sep = " · " if wide else "\n"
     table = Table(
         title=f"Where {word} {looks}, layer by layer (top {top})",
         title_justify="left",
@@ -158,8 +160,8 @@ def print_explanation(
         if stage.label == "baseline":
             focused = "(one head)"
         else:
-            focused = f"head {stage.focused_head + 1}:{sep if sep != ' · ' else ' '}"
-            focused += _top(h_row, tokens, top, sep)
+            gap = " " if wide else "\n"
+            focused = f"head {stage.focused_head + 1}:{gap}{_top(h_row, tokens, top, sep)}"
         cells = [stage.label, _top(stage.mean_row, tokens, top, sep)]
         if specials:
             cells.append(f"{float(stage.mean_row[specials].sum()):.2f}")
