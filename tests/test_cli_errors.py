@@ -108,6 +108,7 @@ def ws(tmp_path_factory) -> Workspace:
     (root / "a-file").write_text("not a folder\n")
     (root / "o[").write_text("a file whose name ends a path with markup: o[/x]\n")
     (root / "bad.json").write_text("{not json")
+    (root / "x.npz").mkdir()  # a folder named like a weights file
     return Workspace(root, run, other, model, markup_model)
 
 
@@ -351,6 +352,24 @@ CASES: list[Case] = [
         "explain",
         lambda ws: ["explain", f"a {MARKUP} b", "--out", str(ws.root / f"o{MARKUP}")],
         ("--out", f"o{MARKUP}"),
+    ),
+    (
+        "explain-save-weights-under-file",
+        "explain",
+        lambda ws: ["explain", TEXT, "--no-files", "--save-weights", str(ws.file / "w.npz")],
+        ("--save-weights", "a-file"),
+    ),
+    (
+        "explain-save-weights-extension",
+        "explain",
+        lambda ws: ["explain", TEXT, "--no-files", "--save-weights", str(ws.root / "w.pt")],
+        ("--save-weights", ".safetensors or .npz"),
+    ),
+    (
+        "explain-save-weights-folder",
+        "explain",
+        lambda ws: ["explain", TEXT, "--no-files", "--save-weights", str(ws.root / "x.npz")],
+        ("--save-weights", "is a folder"),
     ),
     (
         "explain-truncated-model",

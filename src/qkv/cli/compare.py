@@ -14,7 +14,8 @@ from rich.table import Table
 
 from ..explain import WordComparison, compare_word, sentence_similarities
 from .errors import UsageError
-from .explain import bar, check_baseline_finite, check_baseline_scale, console
+from .explain import check_baseline_finite, check_baseline_scale
+from .tables import bar, bar_width, console, label_column, table_overhead
 
 
 def _piece_note(label: str, cmp_side) -> str:
@@ -23,7 +24,7 @@ def _piece_note(label: str, cmp_side) -> str:
         f"tokens {f.positions[0]}-{f.positions[-1]}" if len(f.positions) > 1 else f"token {f.first}"
     )
     if f.occurrences > 1:
-        note += f", first of {f.occurrences}"
+        note += f", occurrence {f.occurrence} of {f.occurrences}"
     return f"{label}: {note}"
 
 
@@ -32,11 +33,14 @@ def print_comparison(cmp: WordComparison, text_a: str, text_b: str, out: Console
     out.print(f"A: {escape(text_a)}\nB: {escape(text_b)}")
     out.print(f"[dim]{_piece_note('A', cmp.a)}; {_piece_note('B', cmp.b)}[/dim]")
     table = Table(title=f"Cosine similarity of {word} in A and B", title_justify="left")
-    table.add_column("stage")
-    table.add_column("cosine", justify="right")
-    table.add_column("", no_wrap=True)
+    label_column(table, "stage", list(cmp.labels))
+    table.add_column("cosine", justify="right", no_wrap=True)
+    widest = max(len("stage"), *(len(x) for x in cmp.labels))
+    width = bar_width(out.width, table_overhead(3) + widest + 7, most=30)
+    if width:
+        table.add_column("", no_wrap=True)
     for label, c in zip(cmp.labels, cmp.cosines.tolist(), strict=True):
-        table.add_row(label, f"{c:.4f}", bar(c, 30))
+        table.add_row(label, f"{c:.4f}", *([bar(c, width)] if width else []))
     out.print(table)
     out.print(
         "[dim]input = word + position + token-type embedding after LayerNorm (positions "
@@ -59,13 +63,22 @@ def print_similarities(sim, sentences: list[str], out: Console) -> None:
         return
     for i, s in enumerate(sentences):
         out.print(f"[bold]{i + 1}[/bold]: {escape(s)}")
-    table = Table(title="Sentence similarity (cosine)", title_justify="left")
-    table.add_column("")
-    for j in range(n):
-        table.add_column(str(j + 1), justify="right")
-    for i in range(n):
-        table.add_row(str(i + 1), *(f"{float(sim[i, j]):.4f}" for j in range(n)))
-    out.print(table)
+    # Columns of sentences, as many as fit the width; more are printed in further blocks.
+    label = len(str(n))
+    per_column = 6 + 3  # "0.1234" plus padding and rule
+    fit = max(1, (out.width - table_overhead(1) - label) // per_column)
+    for start in range(0, n, fit):
+        cols = range(start, min(n, start + fit))
+        title = "Sentence similarity (cosine)"
+        if n > fit:
+            title += f", sentences {cols[0] + 1}-{cols[-1] + 1}"
+        table = Table(title=title, title_justify="left")
+        label_column(table, "", [str(i + 1) for i in range(n)])
+        for j in cols:
+            table.add_column(str(j + 1), justify="right", no_wrap=True)
+        for i in range(n):
+            table.add_row(str(i + 1), *(f"{float(sim[i, j]):.4f}" for j in cols))
+        out.print(table)
     off = sim.clone().fill_diagonal_(-2.0)
     i, j = divmod(int(off.argmax()), n)
     out.print(f"Most similar pair: {i + 1} and {j + 1} ({float(sim[i, j]):.4f}).")
@@ -77,6 +90,12 @@ def register(app: typer.Typer) -> None:
         text_a: str = typer.Argument(..., help="First sentence."),
         text_b: str = typer.Argument(..., help="Second sentence."),
         word: str = typer.Option(..., help="A word that occurs in both sentences."),
+        occurrence_a: int = typer.Option(
+            1, help="Which occurrence of WORD in TEXT_A, from 1 (for a repeated word)."
+        ),
+        occurrence_b: int = typer.Option(
+            1, help="Which occurrence of WORD in TEXT_B, from 1 (for a repeated word)."
+        ),
         truncate: bool = typer.Option(
             False, help="Cut texts longer than 512 tokens instead of failing."
         ),
@@ -92,9 +111,18 @@ def register(app: typer.Typer) -> None:
             if not text.strip():
                 raise ValueError(f"{name} is empty: give a sentence")
         check_baseline_scale(baseline_scale)
+        for name, value in (("--occurrence-a", occurrence_a), ("--occurrence-b", occurrence_b)):
+            if value < 1:
+                raise UsageError(f"{name} counts from 1, got {value}")
         m = load_model(model)
         cmp = compare_word(
-            m, text_a, text_b, word, truncate=truncate, baseline_scale=baseline_scale
+            m,
+            text_a,
+            text_b,
+            word,
+            truncate=truncate,
+            baseline_scale=baseline_scale,
+            occurrences=(occurrence_a, occurrence_b),
         )
         check_baseline_finite(baseline_scale, cmp.a.vectors, cmp.b.vectors)
         print_comparison(cmp, text_a, text_b, console())

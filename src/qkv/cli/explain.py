@@ -3,7 +3,10 @@
 Prints the tokens; where the focus word looks in each layer (head average and the
 most focused head) next to the untrained baseline; the full row of one layer beside
 the baseline's; how far each layer moved the word's vector. Writes PNG heatmaps and
-the HTML explorer under ``--out``. The numbers come from :mod:`qkv.explain`.
+the HTML explorer under ``--out`` (the page opens at ``--layer``/``--head``, on the
+same averaged row of the focus word), and with ``--save-weights`` the weights
+themselves. Tables fit the terminal (:mod:`.tables`). The numbers come from
+:mod:`qkv.explain`.
 
 Texts, words, tokens, model names and paths come from the user: they are escaped
 (or printed as :class:`~rich.text.Text`) so that ``[/x]`` is shown as typed instead
@@ -14,7 +17,6 @@ system's refusal to write there becomes a one-line error naming ``--out``.
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -26,36 +28,22 @@ from rich.table import Table
 from rich.text import Text
 
 from ..explain import (
-    MAX_EXPLORER_TOKENS,
     SPECIAL_TOKENS,
     Explanation,
+    colour_scale,
     explain,
     save_heatmaps,
+    save_weights,
     write_explorer,
 )
+from ..explain.export import WEIGHT_FORMATS
 from .errors import UsageError, check_out_dir, user_paths
+from .tables import bar, bar_width, console, label_column, table_overhead
 
 DEFAULT_OUT = Path("qkv-explain")
 
-_BLOCKS = " ▏▎▍▌▋▊▉█"
-
-
-def bar(value: float, width: int = 20) -> str:
-    """A horizontal bar for ``value`` in [0, 1], ``width`` characters at full scale."""
-    cells = max(0.0, min(1.0, value)) * width
-    full = int(cells)
-    part = _BLOCKS[int((cells - full) * 8)] if full < width else ""
-    return ("█" * full + part.strip()).ljust(width)
-
-
-def console() -> Console:
-    """A rich console; plain text, 120 columns, when output is not a terminal (pipes, tests).
-
-    Emoji codes are off: a user's ``:smile:`` is text to show, not a picture.
-    """
-    if sys.stdout.isatty():
-        return Console(emoji=False)
-    return Console(width=120, color_system=None, emoji=False)
+# Kept importable from here: compare.py and older code use them.
+__all__ = ["bar", "console", "print_explanation", "register", "run"]
 
 
 def check_baseline_scale(value: float) -> float:
@@ -82,11 +70,31 @@ def check_baseline_finite(value: float, *results: torch.Tensor) -> None:
         )
 
 
-def _top(row, tokens: list[str], k: int) -> str:
+def _top(row, tokens: list[str], k: int, sep: str = " · ") -> str:
     values, idx = row.topk(min(k, len(tokens)))
-    return " · ".join(
+    return sep.join(
         f"{escape(tokens[j])} {v:.2f}" for v, j in zip(values.tolist(), idx.tolist(), strict=True)
     )
+
+
+def check_save_weights(path: Path) -> Path:
+    """Refuse a ``--save-weights`` file that cannot be written, before the model runs."""
+    if str(path) == "":
+        raise UsageError("--save-weights is empty: give a .safetensors or .npz file name")
+    if path.suffix.lower() not in WEIGHT_FORMATS:
+        got = f"{path.suffix!r}" if path.suffix else "no extension"
+        raise UsageError(
+            f"--save-weights {path}: the name must end in .safetensors or .npz, got {got}"
+        )
+    if path.is_dir():
+        raise UsageError(f"--save-weights {path} is a folder, not a file")
+    try:
+        check_out_dir("--save-weights", path.parent)
+    except UsageError as err:
+        # check_out_dir names the folder; the user typed the file.
+        why = str(err).removeprefix(f"--save-weights {path.parent}").lstrip(": ")
+        raise UsageError(f"--save-weights {path}: cannot write in {path.parent} ({why})") from err
+    return path
 
 
 def _check_range(name: str, value: int | None, high: int) -> None:
@@ -94,13 +102,26 @@ def _check_range(name: str, value: int | None, high: int) -> None:
         raise ValueError(f"{name} must be between 1 and {high}, got {value}")
 
 
+#: Below this width the top-k lists of the summary table go one entry per line.
+_WIDE = 100
+
+
 def print_explanation(
     expl: Explanation, out: Console, *, layer: int, head: int | None, top: int
 ) -> None:
+    """Print the tokens and the three tables, fitted to ``out.width`` (see :mod:`.tables`).
+
+    For a causal decoder (``expl.causal``) the wording says "looks back at" and the
+    keys after the focus word, which it cannot see, are marked instead of printed as 0.
+    """
     tokens = expl.tokens
     focus = expl.focus
     pos = list(focus.positions)
+    width = out.width
+    # Only the special tokens this text has: a decoder has no [CLS] or [SEP].
     specials = [j for j, t in enumerate(tokens) if t in SPECIAL_TOKENS]
+    special_names = "+".join(dict.fromkeys(tokens[j] for j in specials))
+    looks = "looks back" if expl.causal else "looks"
 
     line = Text(f"Tokens ({len(tokens)}): ")
     for j, t in enumerate(tokens):
@@ -114,31 +135,42 @@ def print_explanation(
         if len(pos) == 1
         else f"tokens {pos[0]}-{pos[-1]} ({pieces}; their rows and vectors are averaged)"
     )
-    more = f", first of {focus.occurrences} occurrences" if focus.occurrences > 1 else ""
-    word = escape(repr(focus.word))
+    more = (
+        f", {focus.occurrence} of {focus.occurrences} occurrences (--occurrence picks another)"
+        if focus.occurrences > 1
+        else ""
+    )
+    word = escape(focus.label)
     out.print(f"Focus: [bold]{word}[/bold] = {escape(where)}{more}\n")
 
+    # Narrow: one "token weight" per line, so no entry is ever split across lines.
+    wide = width >= _WIDE
+    sep = " · " if wide else "\n"
     table = Table(
-        title=f"Where {word} looks, layer by layer (top {top})",
+        title=f"Where {word} {looks}, layer by layer (top {top})",
         title_justify="left",
     )
-    table.add_column("stage")
-    table.add_column("head average", no_wrap=True)
-    table.add_column("[CLS]+[SEP]", justify="right")
-    table.add_column("most focused head", no_wrap=True)
+    label_column(table, "stage", [s.label for s in expl.stages])
+    table.add_column("head average", overflow="fold")
+    if specials:
+        table.add_column(special_names, justify="right", overflow="fold")
+    table.add_column("most focused head", overflow="fold")
     for stage in expl.stages:
-        special = float(stage.mean_row[specials].sum()) if specials else 0.0
         h_row = stage.head_rows[stage.focused_head]
         if stage.label == "baseline":
-            name, focused = "baseline", "(one head)"
+            focused = "(one head)"
         else:
-            name = stage.label
-            focused = f"head {stage.focused_head + 1}: {_top(h_row, tokens, top)}"
-        table.add_row(name, _top(stage.mean_row, tokens, top), f"{special:.2f}", focused)
+            gap = " " if wide else "\n"
+            focused = f"head {stage.focused_head + 1}:{gap}{_top(h_row, tokens, top, sep)}"
+        cells = [stage.label, _top(stage.mean_row, tokens, top, sep)]
+        if specials:
+            cells.append(f"{float(stage.mean_row[specials].sum()):.2f}")
+        table.add_row(*cells, focused)
     out.print(table)
+    not_counted = f"not {special_names.replace('+', '/')}, " if specials else ""
     out.print(
-        "[dim]Most focused head: the head whose largest weight on one other word (not "
-        "[CLS]/[SEP], not the word itself) is highest. Heads are numbered from 1.[/dim]"
+        "[dim]Most focused head: the head whose largest weight on one other word "
+        f"({escape(not_counted)}not the word itself) is highest. Heads are numbered from 1.[/dim]"
     )
     self_w = float(expl.stages[0].mean_row[pos].sum())
     out.print(
@@ -149,47 +181,65 @@ def print_explanation(
     st = expl.stages[layer]
     row = st.mean_row if head is None else st.head_rows[head - 1]
     which = "head average" if head is None else f"head {head}"
+    every = "every token it can see" if expl.causal else "every token"
     detail = Table(
-        title=f"Attention of {word} on every token: untrained baseline vs layer {layer} ({which})",
+        title=f"Attention of {word} on {every}: untrained baseline vs layer {layer} ({which})",
         title_justify="left",
     )
-    detail.add_column("#", justify="right", style="dim")
-    detail.add_column("token")
-    detail.add_column("baseline", justify="right")
-    detail.add_column("", no_wrap=True)
-    detail.add_column(f"layer {layer}", justify="right")
-    detail.add_column("", no_wrap=True)
+    index_labels = [str(j) for j in range(len(tokens))]
+    label_column(detail, "#", index_labels, justify="right", style="dim")
+    widest = max(len(t) for t in tokens)
+    token_width = min(max(widest, len("token")), 24)
+    detail.add_column("token", min_width=token_width, overflow="fold")
+    used = (
+        table_overhead(6) + len(index_labels[-1]) + token_width + 8 + max(7, len(f"layer {layer}"))
+    )
+    bars = bar_width(width, used, 2)
+    if not bars:  # no room for bars: four columns, and the numbers alone
+        used = table_overhead(4) + len(index_labels[-1]) + token_width + 8 + 7
+    detail.add_column("baseline", justify="right", no_wrap=True)
+    if bars:
+        detail.add_column("", no_wrap=True)
+    detail.add_column(f"layer {layer}", justify="right", no_wrap=True)
+    if bars:
+        detail.add_column("", no_wrap=True)
     base = expl.stages[0].mean_row
+    seen = max(pos)  # a causal row i sees keys 0..i; the word's rows see up to its last piece
     for j, t in enumerate(tokens):
-        detail.add_row(
-            str(j),
-            Text(t),
-            f"{float(base[j]):.4f}",
-            bar(float(base[j])),
-            f"{float(row[j]):.4f}",
-            bar(float(row[j])),
-        )
+        if expl.causal and j > seen:
+            cells = ["future", ""] if bars else ["future"]
+            detail.add_row(str(j), Text(t), *cells, *cells)
+            continue
+        b, r = float(base[j]), float(row[j])
+        cells_b = [f"{b:.4f}", bar(b, bars)] if bars else [f"{b:.4f}"]
+        cells_r = [f"{r:.4f}", bar(r, bars)] if bars else [f"{r:.4f}"]
+        detail.add_row(str(j), Text(t), *cells_b, *cells_r)
     out.print(detail)
+    if expl.causal:
+        out.print(
+            "[dim]A causal decoder's token sees only itself and the tokens before it: "
+            "'future' keys are masked.[/dim]"
+        )
 
     moves = Table(
         title=f"How far each stage moved {word} from its input embedding x",
         title_justify="left",
     )
-    moves.add_column("stage")
+    label_column(moves, "stage", [m.label for m in expl.movement])
     moves.add_column("cos distance", justify="right")
-    moves.add_column("", no_wrap=True)
+    used = table_overhead(6) + 8 + 12 + 3 * 7
+    bars = bar_width(width, used)
+    if bars:
+        moves.add_column("", no_wrap=True)
     moves.add_column("step", justify="right")
     moves.add_column("shift", justify="right")
     moves.add_column("|h|", justify="right")
     for m in expl.movement:
-        moves.add_row(
-            m.label,
-            f"{m.cos_from_input:.4f}",
-            bar(m.cos_from_input),
-            f"{m.cos_from_previous:.4f}",
-            f"{m.relative_shift:.4f}",
-            f"{m.norm:.2f}",
-        )
+        cells = [m.label, f"{m.cos_from_input:.4f}"]
+        if bars:
+            cells.append(bar(m.cos_from_input, bars))
+        cells += [f"{m.cos_from_previous:.4f}", f"{m.relative_shift:.4f}", f"{m.norm:.2f}"]
+        moves.add_row(*cells)
     out.print(moves)
     out.print(
         "[dim]cosine distance = 1 - cos(h, x); step = cosine distance from the previous "
@@ -210,6 +260,8 @@ def run(
     model_name: str,
     backend: str,
     out: Console,
+    occurrence: int = 1,
+    save_weights_to: Path | None = None,
 ) -> Explanation:
     from ..explain.models import load_model
 
@@ -218,13 +270,24 @@ def run(
     if top < 1:
         raise ValueError(f"--top must be at least 1, got {top}")
     check_baseline_scale(baseline_scale)
+    if occurrence < 1:
+        raise UsageError(f"--occurrence counts from 1, got {occurrence}")
     if out_dir is not None:
         check_out_dir("--out", out_dir)
+    if save_weights_to is not None:
+        check_save_weights(save_weights_to)
     model = load_model(model_name, backend=backend)
     n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
     _check_range("--layer", layer, n_layers)
     _check_range("--head", head, n_heads)
-    expl = explain(model, text, focus, truncate=truncate, baseline_scale=baseline_scale)
+    expl = explain(
+        model,
+        text,
+        focus,
+        truncate=truncate,
+        baseline_scale=baseline_scale,
+        occurrence=occurrence,
+    )
     check_baseline_finite(baseline_scale, expl.baseline_weights, expl.baseline_context)
     layer = n_layers if layer is None else layer
     out.print(
@@ -233,16 +296,26 @@ def run(
         + (" [yellow](input truncated)[/yellow]" if expl.text.truncated else "")
     )
     print_explanation(expl, out, layer=layer, head=head, top=top)
+    if save_weights_to is not None:
+        with user_paths("--save-weights", save_weights_to):
+            saved = save_weights(expl, save_weights_to)
+        out.print(f"\nSaved every stage's weights and the tokens to {escape(str(saved))}")
     if out_dir is not None:
+        # One colour scale for the PNGs and the page, so the same weight looks the same.
+        scale = colour_scale(
+            (expl.stage_weights(s) for s in range(len(expl.stages))), causal=expl.causal
+        )
         with user_paths("--out", out_dir):
-            files = save_heatmaps(expl, out_dir, layer=layer, head=head)
-            if len(expl.tokens) <= MAX_EXPLORER_TOKENS:
-                page = write_explorer(expl, Path(out_dir) / "explorer.html", model_name=model.name)
-                files.append(page)
-        if len(expl.tokens) > MAX_EXPLORER_TOKENS:
-            out.print(
-                f"[dim]No explorer page: it is made for texts up to {MAX_EXPLORER_TOKENS} tokens.[/dim]"
+            files = save_heatmaps(expl, out_dir, layer=layer, head=head, scale=scale)
+            page = write_explorer(
+                expl,
+                Path(out_dir) / "explorer.html",
+                model_name=model.name,
+                layer=layer,
+                head=head,
+                scale=scale,
             )
+            files.append(page)
         out.print(f"\nWrote {len(files)} files to {escape(str(Path(out_dir).resolve()))}:")
         for f in files:
             out.print(f"  {escape(str(f))}")
@@ -258,6 +331,11 @@ def register(app: typer.Typer) -> None:
         focus: str | None = typer.Option(
             None, help="The word to follow (default: the first word)."
         ),
+        occurrence: int = typer.Option(
+            1,
+            help="Which occurrence of a repeated focus word to follow, from 1 "
+            "(--focus bank --occurrence 2: the second 'bank').",
+        ),
         layer: int | None = typer.Option(
             None, help="Layer (from 1) shown in detail and drawn head by head; default the last."
         ),
@@ -268,6 +346,14 @@ def register(app: typer.Typer) -> None:
             Path, typer.Option(help="Folder for the PNG heatmaps and explorer.html.")
         ] = DEFAULT_OUT,
         files: bool = typer.Option(True, help="Write the heatmaps and the explorer page."),
+        save_weights: Annotated[
+            Path | None,
+            typer.Option(
+                help="Also save every stage's weights with the tokens: FILE.safetensors "
+                "or FILE.npz (the extension picks the format).",
+                metavar="FILE",
+            ),
+        ] = None,
         top: int = typer.Option(3, help="How many attended tokens to list per stage."),
         truncate: bool = typer.Option(
             False, help="Cut a text longer than 512 tokens instead of failing."
@@ -294,4 +380,6 @@ def register(app: typer.Typer) -> None:
             model_name=model,
             backend=backend,
             out=console(),
+            occurrence=occurrence,
+            save_weights_to=save_weights,
         )

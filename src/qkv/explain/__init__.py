@@ -1,5 +1,6 @@
 """Looking inside a pretrained model: attention per layer and head, the untrained
-baseline beside it, how far each layer moves a word, heatmaps and the HTML explorer.
+baseline beside it, how far each layer moves a word, heatmaps, the HTML explorer
+(also inline in Jupyter: :func:`show`) and the weights saved to a file.
 
 These helpers back the ``qkv explain``, ``qkv compare`` and ``qkv similarity``
 commands; each returns plain dataclasses and tensors, so they can be used (and
@@ -22,25 +23,46 @@ from .analysis import (
     sentence_similarities,
     word_vectors,
 )
-from .explorer import MAX_EXPLORER_TOKENS, explorer_data, write_explorer
+from .colour import ColourScale, colour_scale
+from .explorer import (
+    MAX_EXPLORER_TOKENS,
+    ExplorerInput,
+    ExplorerStage,
+    explorer_data,
+    explorer_html,
+    explorer_input,
+    write_explorer,
+)
+from .export import load_weights, save_weights
 from .heatmaps import save_heatmaps
+from .notebook import ExplorerView, show
 
 __all__ = [
     "MAX_EXPLORER_TOKENS",
     "SPECIAL_TOKENS",
+    "ColourScale",
     "Explanation",
+    "ExplorerInput",
+    "ExplorerStage",
+    "ExplorerView",
     "Focus",
     "Movement",
     "StageAttention",
     "WordComparison",
     "WordVectors",
+    "colour_scale",
     "compare_word",
     "explain",
     "explorer_data",
+    "explorer_html",
+    "explorer_input",
     "find_focus",
+    "load_weights",
     "most_focused_head",
     "save_heatmaps",
+    "save_weights",
     "sentence_similarities",
+    "show",
     "word_vectors",
     "write_explorer",
 ]

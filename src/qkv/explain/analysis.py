@@ -11,7 +11,8 @@ Conventions (the command line and the explorer follow them):
 * **A word split into several word pieces** (``muddy`` -> ``mud ##dy``) is represented
   by the mean of its pieces: the mean of their attention rows (still a distribution
   over keys) and the mean of their vectors. Keys stay individual pieces.
-* **A word that occurs several times**: the first occurrence is used.
+* **A word that occurs several times**: the first occurrence is used unless the
+  caller asks for another (``occurrence=2`` is the second; 1-based, as people count).
 * **The most focused head** of a layer, for the focus word, is the head whose largest
   weight on one *other* word (not the focus word's own pieces, not [CLS] or [SEP], and
   in a causal decoder not the first token, its attention sink) is the highest of all
@@ -58,18 +59,34 @@ class Focus:
 
     Attributes:
         word: the word as written in the text.
-        positions: positions of its word pieces (several when it was split), first
-            occurrence.
+        positions: positions of its word pieces (several when it was split), in the
+            chosen occurrence.
         occurrences: how many times the word occurs in the text.
+        occurrence: which of them this is, from 1.
     """
 
     word: str
     positions: tuple[int, ...]
     occurrences: int = 1
+    occurrence: int = 1
 
     @property
     def first(self) -> int:
         return self.positions[0]
+
+    @property
+    def label(self) -> str:
+        """How to name the word to a reader: ``'bank'``, or ``the 2nd 'the'`` when the
+        word occurs more than once (so nobody wonders which one is meant)."""
+        if self.occurrences == 1:
+            return repr(self.word)
+        return f"the {ordinal(self.occurrence)} {self.word!r}"
+
+
+def ordinal(n: int) -> str:
+    """``1st``, ``2nd``, ``3rd``, ``4th``, ..., ``11th``, ``21st``."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def find_focus(
@@ -77,12 +94,20 @@ def find_focus(
     word: str | None,
     normalize: Callable[[str], str] = str.lower,
     *,
+    occurrence: int = 1,
     what: str = "focus word",
     where: str = "the text",
 ) -> Focus:
-    """Locate ``word`` in ``text`` (first occurrence), comparing as the tokenizer
-    normalises (lower case); ``None`` picks the first word of the text. ``what`` and
-    ``where`` name the word and the text in error messages."""
+    """Locate ``word`` in ``text``, comparing as the tokenizer normalises (lower case);
+    ``None`` picks the first word of the text.
+
+    ``occurrence`` (from 1) picks among repeated words: ``2`` is the second ``bank``.
+    ``what`` and ``where`` name the word and the text in error messages.
+    """
+    if isinstance(occurrence, bool) or not isinstance(occurrence, int):
+        raise TypeError(f"occurrence must be an int, got {type(occurrence).__name__}")
+    if occurrence < 1:
+        raise ValueError(f"occurrence counts from 1, got {occurrence}")
     words = []  # (normalised word, written word, piece positions)
     groups: dict[int, list[int]] = {}
     for pos, w in enumerate(text.word_ids):
@@ -95,8 +120,7 @@ def find_focus(
     if not words:
         raise ValueError(f"{where} has no words to look at")
     if word is None:
-        _, written, positions = words[0]
-        return Focus(written, positions, sum(1 for w in words if w[0] == words[0][0]))
+        word = words[0][1]
     if not isinstance(word, str) or not word.strip():
         raise ValueError(f"{what} is empty")
     wanted = normalize(word.strip())
@@ -107,8 +131,14 @@ def find_focus(
         raise ValueError(
             f"{what} {word!r} is not in {where}; its words are: {listed} (word pieces: {pieces})"
         )
-    written, positions = matches[0]
-    return Focus(written, positions, len(matches))
+    if occurrence > len(matches):
+        times = "once" if len(matches) == 1 else f"{len(matches)} times"
+        raise ValueError(
+            f"occurrence {occurrence} of {what} {word!r} asked for, but it occurs {times} "
+            f"in {where}"
+        )
+    written, positions = matches[occurrence - 1]
+    return Focus(written, positions, len(matches), occurrence)
 
 
 def most_focused_head(rows: Tensor, exclude: set[int]) -> tuple[int, int]:
@@ -200,6 +230,12 @@ class Explanation:
             return self.baseline_weights.unsqueeze(0)
         return self.run.layers[stage - 1].weights[0]
 
+    def _repr_html_(self) -> str:
+        # Jupyter shows an Explanation as the explorer (see qkv.explain.notebook).
+        from .notebook import show
+
+        return show(self)._repr_html_()
+
 
 def _focus_vector(h: Tensor, focus: Focus) -> Tensor:
     """``h`` (L, d_model) -> (d_model,): mean over the focus word's pieces."""
@@ -218,18 +254,20 @@ def explain(
     *,
     truncate: bool = False,
     baseline_scale: float = 1.0,
+    occurrence: int = 1,
 ) -> Explanation:
     """Run ``text`` through ``model`` and gather what ``qkv explain`` shows about ``focus``.
 
     ``baseline_scale`` multiplies the baseline's dot products (1 = the seeds' plain
-    dot product; smaller values soften its softmax). ``model`` is a
+    dot product; smaller values soften its softmax). ``occurrence`` (from 1) picks a
+    repeated focus word (see :func:`find_focus`). ``model`` is a
     :class:`~qkv.pretrained.SentenceEncoder` or a :class:`qkv.hf.explain_model.HFModel`;
     for a causal decoder (``model.causal``) the baseline is causal too, so that it
     answers the same question as the layers: what each token looks back at.
     """
     run = model.run(text, truncate=truncate)
     tokenized = run.texts[0]
-    where = find_focus(tokenized, focus, model.tokenizer.normalize)
+    where = find_focus(tokenized, focus, model.tokenizer.normalize, occurrence=occurrence)
     causal = bool(getattr(model, "causal", False))
     x = run.embeddings[0]  # (L, d_model)
     base = simple_attention(x, need_weights=True, scale=baseline_scale, is_causal=causal)
@@ -300,10 +338,20 @@ def word_vectors(
     truncate: bool = False,
     baseline_scale: float = 1.0,
     name: str = "the text",
+    occurrence: int = 1,
 ) -> WordVectors:
-    """The word's input embedding, baseline context vector, and each layer's output."""
+    """The word's input embedding, baseline context vector, and each layer's output.
+
+    ``occurrence`` (from 1) picks a repeated word (see :func:`find_focus`)."""
     run = model.run(text, truncate=truncate)
-    where = find_focus(run.texts[0], word, model.tokenizer.normalize, what="word", where=name)
+    where = find_focus(
+        run.texts[0],
+        word,
+        model.tokenizer.normalize,
+        occurrence=occurrence,
+        what="word",
+        where=name,
+    )
     x = run.embeddings[0]  # (L, d_model)
     causal = bool(getattr(model, "causal", False))
     base_ctx = simple_attention(x, scale=baseline_scale, is_causal=causal)  # (L, d_model)
@@ -339,15 +387,18 @@ def compare_word(
     *,
     truncate: bool = False,
     baseline_scale: float = 1.0,
+    occurrences: tuple[int, int] = (1, 1),
 ) -> WordComparison:
     """Cosine similarity of ``word``'s vectors in ``text_a`` and ``text_b`` at every stage.
 
     Each text runs on its own (no padding), so each vector is exactly what the model
-    computes for that sentence.
+    computes for that sentence. ``occurrences`` picks a repeated word in each text
+    (from 1, see :func:`find_focus`).
     """
     kw = {"truncate": truncate, "baseline_scale": baseline_scale}
-    a = word_vectors(model, text_a, word, name="TEXT_A", **kw)
-    b = word_vectors(model, text_b, word, name="TEXT_B", **kw)
+    occ_a, occ_b = occurrences
+    a = word_vectors(model, text_a, word, name="TEXT_A", occurrence=occ_a, **kw)
+    b = word_vectors(model, text_b, word, name="TEXT_B", occurrence=occ_b, **kw)
     cos = F.cosine_similarity(a.vectors.double(), b.vectors.double(), dim=-1)  # (n_stages,)
     return WordComparison(a, b, cos)
 
