@@ -173,11 +173,20 @@ class HFModel:
     def load(cls, name: str, *, backend: str = "auto") -> HFModel:
         """``name``: ``"smollm2"`` or a local transformers folder with safetensors."""
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
         local: LocalModel = load_local(name)
         auto = AutoModelForCausalLM if local.causal else AutoModel
         kw = {"local_files_only": True, "dtype": torch.float32}
-        model = auto.from_pretrained(str(local.path), attn_implementation="qkv", **kw)
+        # transformers draws a "Loading weights" bar for a one-second load; the CLI's
+        # output is the explanation, so the bar is switched off for this call only.
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            model = auto.from_pretrained(str(local.path), attn_implementation="qkv", **kw)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         tokenizer = AutoTokenizer.from_pretrained(str(local.path), local_files_only=True)
         label = "SmolLM2-135M-Instruct" if name.strip().lower() == "smollm2" else str(local.path)
         return cls(model, tokenizer, name=label, causal=local.causal, backend=backend)
