@@ -174,8 +174,8 @@ CASES: list[Case] = [
     (
         "walkthrough-markup",
         "walkthrough",
-        lambda ws: ["walkthrough", MARKUP, "--d-k", "3"],
-        ("d_k",),
+        lambda ws: ["walkthrough", MARKUP, "--d-model", "3"],
+        ("d_model",),
     ),
     # train: output folders
     ("train-out-file", "train", lambda ws: ["train", *TINY, "--out", str(ws.file)], ("--out",)),
