@@ -12,7 +12,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..explain import WordComparison, compare_word, sentence_similarities
+from ..explain import (
+    ControlCosines,
+    WordComparison,
+    compare_word,
+    control_cosines,
+    judge_comparison,
+    sentence_similarities,
+)
 from .errors import UsageError
 from .explain import bar, check_baseline_finite, check_baseline_scale, console
 
@@ -27,7 +34,17 @@ def _piece_note(label: str, cmp_side) -> str:
     return f"{label}: {note}"
 
 
-def print_comparison(cmp: WordComparison, text_a: str, text_b: str, out: Console) -> None:
+def _range_cell(t, stage: int) -> str:
+    return f"{float(t[:, stage].min()):.2f}-{float(t[:, stage].max()):.2f}" if t.shape[0] else ""
+
+
+def print_comparison(
+    cmp: WordComparison,
+    text_a: str,
+    text_b: str,
+    out: Console,
+    controls: ControlCosines | None = None,
+) -> None:
     word = escape(repr(cmp.a.focus.word))
     out.print(f"A: {escape(text_a)}\nB: {escape(text_b)}")
     out.print(f"[dim]{_piece_note('A', cmp.a)}; {_piece_note('B', cmp.b)}[/dim]")
@@ -35,19 +52,46 @@ def print_comparison(cmp: WordComparison, text_a: str, text_b: str, out: Console
     table.add_column("stage")
     table.add_column("cosine", justify="right")
     table.add_column("", no_wrap=True)
-    for label, c in zip(cmp.labels, cmp.cosines.tolist(), strict=True):
-        table.add_row(label, f"{c:.4f}", bar(c, 30))
+    show_same = controls is not None and controls.same.shape[0] > 0
+    show_diff = controls is not None and controls.different.shape[0] > 0
+    if show_same:
+        table.add_column("same-sense", justify="right")
+    if show_diff:
+        table.add_column("other-sense", justify="right")
+    for i, (label, c) in enumerate(zip(cmp.labels, cmp.cosines.tolist(), strict=True)):
+        extra = []
+        if show_same:
+            extra.append(_range_cell(controls.same, i))
+        if show_diff:
+            extra.append(_range_cell(controls.different, i))
+        table.add_row(label, f"{c:.4f}", bar(c, 20), *extra)
     out.print(table)
     out.print(
         "[dim]input = word + position + token-type embedding after LayerNorm (positions "
         "differ, so it is not exactly 1); baseline = the untrained q = k = v attention on "
         "those inputs; layer N = the output of trained block N.[/dim]"
     )
+    if controls is not None:
+        pairs = f"{controls.same.shape[0]} same-sense pairs"
+        if show_diff:
+            pairs += f" and {controls.different.shape[0]} pairs across two senses"
+        where = (
+            "built-in sentences (qkv.explain.CONTROL_SENTENCES)"
+            if controls.source == "built-in"
+            else "TEXT_A and the --same-sense sentences"
+        )
+        out.print(f"[dim]Control columns: lowest-highest cosine of {pairs}, from {where}.[/dim]")
+    verdict = judge_comparison(cmp, controls)
     first, last = float(cmp.cosines[0]), float(cmp.cosines[-1])
-    trend = "drift apart" if last < first else "move closer"
+    if verdict.kind != "identical":
+        out.print(
+            f"Cosine of the two {word} vectors: {first:.4f} at the input, "
+            f"{last:.4f} after {cmp.labels[-1]} (1 = same direction)."
+        )
+    out.print(escape(verdict.summary))
     out.print(
-        f"The two {word} vectors {trend}: cosine {first:.4f} at the input, "
-        f"{last:.4f} after {cmp.labels[-1]}."
+        "[dim]A cosine measures how alike two contextual vectors are; it is not a sense "
+        "classifier.[/dim]"
     )
 
 
@@ -84,8 +128,15 @@ def register(app: typer.Typer) -> None:
             1.0, help="Multiplier of the baseline's dot products (1 = plain)."
         ),
         model: str = typer.Option("all-MiniLM-L6-v2", help="Model name or model directory."),
+        same_sense: Annotated[
+            list[str] | None,
+            typer.Option(
+                help="A sentence using WORD in the same sense as TEXT_A (repeatable): "
+                "control pairs instead of the built-in ones."
+            ),
+        ] = None,
     ) -> None:
-        """How similar WORD's vectors are in two sentences, at every layer."""
+        """How similar WORD's vectors are in two sentences, at every layer, beside controls."""
         from .. import pretrained
 
         for name, text in (("TEXT_A", text_a), ("TEXT_B", text_b)):
@@ -97,7 +148,18 @@ def register(app: typer.Typer) -> None:
             m, text_a, text_b, word, truncate=truncate, baseline_scale=baseline_scale
         )
         check_baseline_finite(baseline_scale, cmp.a.vectors, cmp.b.vectors)
-        print_comparison(cmp, text_a, text_b, console())
+        for i, s in enumerate(same_sense or ()):
+            if not s.strip():
+                raise ValueError(f"--same-sense sentence {i + 1} is empty")
+        controls = control_cosines(
+            m,
+            word,
+            same_sense=list(same_sense or ()),
+            anchor=text_a,
+            truncate=truncate,
+            baseline_scale=baseline_scale,
+        )
+        print_comparison(cmp, text_a, text_b, console(), controls)
 
     @app.command("similarity")
     def similarity_cmd(

@@ -8,7 +8,10 @@ conventions (stages, word pieces, "most focused head").
 """
 
 from .analysis import (
+    CONTROL_SENTENCES,
     SPECIAL_TOKENS,
+    CompareVerdict,
+    ControlCosines,
     Explanation,
     Focus,
     Movement,
@@ -16,8 +19,10 @@ from .analysis import (
     WordComparison,
     WordVectors,
     compare_word,
+    control_cosines,
     explain,
     find_focus,
+    judge_comparison,
     most_focused_head,
     sentence_similarities,
     word_vectors,
@@ -26,8 +31,11 @@ from .explorer import MAX_EXPLORER_TOKENS, explorer_data, write_explorer
 from .heatmaps import save_heatmaps
 
 __all__ = [
+    "CONTROL_SENTENCES",
     "MAX_EXPLORER_TOKENS",
     "SPECIAL_TOKENS",
+    "CompareVerdict",
+    "ControlCosines",
     "Explanation",
     "Focus",
     "Movement",
@@ -35,9 +43,11 @@ __all__ = [
     "WordComparison",
     "WordVectors",
     "compare_word",
+    "control_cosines",
     "explain",
     "explorer_data",
     "find_focus",
+    "judge_comparison",
     "most_focused_head",
     "save_heatmaps",
     "sentence_similarities",
