@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import pytest
 import typer
 
@@ -484,7 +485,8 @@ def test_read_only_out_folder(ws, capsys):
 
 
 def test_every_command_is_covered():
-    registered = set(typer.main.get_command(app).commands)
+    group = typer.main.get_command(app)
+    registered = set(group.list_commands(click.Context(group)))
     assert {c[1] for c in CASES} == registered
     assert {s[0] for s in SHOWN} <= registered
 
