@@ -126,7 +126,7 @@ def register(app: typer.Typer) -> None:
     def bench_cmd(
         suite: str = typer.Option("all", help="attention, mha or all."),
         quick: bool = typer.Option(
-            False, "--quick", help="Small smoke run of both suites (about a minute)."
+            False, "--quick", help="Small smoke run of both suites (50 s; 2.4 min the first time)."
         ),
         lengths: str = typer.Option(None, help="Attention lengths L = S, e.g. 512,4096."),
         dtypes: str = typer.Option(None, help="Attention dtypes: float32,bfloat16,float16."),

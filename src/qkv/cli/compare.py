@@ -143,14 +143,14 @@ def register(app: typer.Typer) -> None:
             if not text.strip():
                 raise ValueError(f"{name} is empty: give a sentence")
         check_baseline_scale(baseline_scale)
+        for i, s in enumerate(same_sense or ()):
+            if not s.strip():
+                raise ValueError(f"--same-sense sentence {i + 1} is empty")
         m = pretrained.load(model)
         cmp = compare_word(
             m, text_a, text_b, word, truncate=truncate, baseline_scale=baseline_scale
         )
         check_baseline_finite(baseline_scale, cmp.a.vectors, cmp.b.vectors)
-        for i, s in enumerate(same_sense or ()):
-            if not s.strip():
-                raise ValueError(f"--same-sense sentence {i + 1} is empty")
         controls = control_cosines(
             m,
             word,
