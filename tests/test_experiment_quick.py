@@ -102,6 +102,7 @@ def test_results_record_this_machine_not_a_fixed_phrase():
     assert "shared 2-core" not in text
 
 
+@pytest.mark.filterwarnings("ignore:No artists with labels")  # plot() is stubbed out below
 def test_loss_plot_is_in_bits_like_the_table(tmp_path, monkeypatch):
     import math
 
