@@ -202,3 +202,34 @@ def test_auto_check_compares_with_the_better_backend():
     ]
     (row,) = attention.auto_check(records)
     assert row["ratio"] == pytest.approx(1.25) and row["best_ms"] == 80.0
+
+
+def test_quick_runs_a_small_grid_and_user_options_win(monkeypatch, tmp_path):
+    from qkv.cli.bench import run_bench
+
+    seen = {}
+    for module, key in ((attention, "attention"), (mha, "mha")):
+        monkeypatch.setattr(module, "run", lambda cfg, key=key: seen.setdefault(key, cfg))
+        monkeypatch.setattr(module, "write_outputs", lambda report, out: [])
+    run_bench("all", quick=True, out=tmp_path)
+    att, m = seen["attention"], seen["mha"]
+    assert att.lengths == (256,) and att.budget_s <= 1.0 and att.max_reps <= 3
+    assert m.length <= 256 and m.batch == 1 and m.budget_s <= 1.0
+    seen.clear()
+    run_bench("all", quick=True, out=tmp_path, max_reps=1, lengths="128")
+    assert seen["attention"].max_reps == 1 and seen["attention"].lengths == (128,)
+    assert seen["mha"].max_reps == 1
+
+
+def test_durations_are_stated_once_the_same_way():
+    """The quick benchmark's measured duration reads the same wherever it is given."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = ["README.md", "benchmarks/README.md", "src/qkv/cli/bench.py", "Makefile"]
+    text = {f: (root / f).read_text() for f in files}
+    for f in files[:3]:
+        assert "50 s" in text[f] and "2.4 min" in text[f], f
+    for f, t in text.items():
+        for stale in ("25 min", "20 min", "~22 + ~5", "~1-2 min", "about a minute (a smoke"):
+            assert stale not in t, (f, stale)

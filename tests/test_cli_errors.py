@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import pytest
 import typer
 
@@ -175,8 +176,8 @@ CASES: list[Case] = [
     (
         "walkthrough-markup",
         "walkthrough",
-        lambda ws: ["walkthrough", MARKUP, "--d-k", "3"],
-        ("d_k",),
+        lambda ws: ["walkthrough", MARKUP, "--d-model", "3"],
+        ("d_model",),
     ),
     # train: output folders
     ("train-out-file", "train", lambda ws: ["train", *TINY, "--out", str(ws.file)], ("--out",)),
@@ -516,7 +517,8 @@ def test_read_only_out_folder(ws, capsys):
 
 
 def test_every_command_is_covered():
-    registered = set(typer.main.get_command(app).commands)
+    group = typer.main.get_command(app)
+    registered = set(group.list_commands(click.Context(group)))
     assert {c[1] for c in CASES} == registered
     assert {s[0] for s in SHOWN} <= registered
 

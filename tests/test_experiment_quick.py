@@ -84,3 +84,45 @@ def test_experiment_refuses_bad_arguments(tmp_path, capsys):
     assert "not in the quick plan" in capsys.readouterr().err
     assert main(["experiment", "--quick", "--jobs", "0", "--out", str(tmp_path)]) == 2
     assert "jobs" in capsys.readouterr().err
+
+
+def test_results_record_this_machine_not_a_fixed_phrase():
+    from qkv._cpu import cpu_model
+    from qkv.train.experiment import machine_description
+
+    summary = _fake({"fixed": [1.6, 1.7], "trainable": [0.6, 0.61]})
+    summary.update(
+        train_seconds_total=120.0,
+        train_seconds={"a": 60.0, "b": 60.0},
+        jobs=2,
+        machine=machine_description(),
+    )
+    text = table_markdown(summary)
+    assert cpu_model() in text and "logical CPUs" in text
+    assert "shared 2-core" not in text
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels")  # plot() is stubbed out below
+def test_loss_plot_is_in_bits_like_the_table(tmp_path, monkeypatch):
+    import math
+
+    import matplotlib.axes
+
+    from qkv.train import experiment
+
+    plotted, labels = [], []
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "plot", lambda self, x, y, **kw: plotted.append(list(y))
+    )
+    real_ylabel = matplotlib.axes.Axes.set_ylabel
+    monkeypatch.setattr(
+        matplotlib.axes.Axes,
+        "set_ylabel",
+        lambda self, text, **kw: (labels.append(text), real_ylabel(self, text, **kw)),
+    )
+    summary = _fake({"fixed": [1.6, 1.7], "trainable": [0.6, 0.61]})
+    nats = [[0, 2.0], [50, 1.0]]
+    summary["curves"] = {f"charlm/{v}/{s}": nats for v in ("fixed", "trainable") for s in (0, 1)}
+    experiment._plot_curves(summary, tmp_path / "curves.png")
+    assert plotted and all(y == [2.0 / math.log(2), 1.0 / math.log(2)] for y in plotted)
+    assert labels == ["train loss (bits/char)"]

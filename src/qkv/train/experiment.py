@@ -7,7 +7,8 @@ on how many run at once), then writes under the results folder:
 * ``results.md`` / ``results.json`` — mean, spread and range of the test metric per
   task and variant (answer accuracy; bits per character for ``charlm``), with the
   command that reproduces them;
-* ``loss_curves.png`` — training loss against steps, mean over seeds, min-max band;
+* ``loss_curves.png`` — training loss in bits per token (bits per character for
+  ``charlm``, as in the table) against steps, mean over seeds, min-max band;
 * ``attention_<task>.png`` — what the trained models attend to on a test example
   (each layer's sharpest head).
 
@@ -263,6 +264,7 @@ def run_experiment(
         runs={"/".join(map(str, k)): v for k, v in sorted(results.items())},
         curves=curves,
         out=str(out),
+        machine=machine_description(),
     )
     if full_results is not None:
         ok, why = quick_check(summary, full_results)
@@ -321,6 +323,20 @@ def summarise(
     }
 
 
+def machine_description() -> str:
+    """This machine in a few words: CPU model, logical CPUs, PyTorch's CPU capability."""
+    import os
+
+    import torch
+
+    from .._cpu import cpu_model
+
+    return (
+        f"{cpu_model()}, {os.cpu_count() or '?'} logical CPUs, "
+        f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})"
+    )
+
+
 def table_markdown(summary: dict) -> str:
     """The results table as markdown, with the command that reproduces it."""
     variants = summary["variants"]
@@ -352,7 +368,8 @@ def table_markdown(summary: dict) -> str:
             "",
             f"Training time: {summary['train_seconds_total'] / 60:.1f} min summed over "
             f"{len(summary['train_seconds'])} runs (wall time of each run's loop, one thread "
-            "each, on a shared 2-core machine; `--jobs 2` runs two at a time).",
+            f"each{', on ' + summary['machine'] if summary.get('machine') else ''}; "
+            f"`--jobs {summary.get('jobs', 2)}` ran {summary.get('jobs', 2)} at a time).",
         ]
     lines += ["", "Parameters (total / inside attention):", ""]
     lines += [
@@ -389,6 +406,7 @@ def _plot_curves(summary: dict, path: Path) -> None:
             n = min(len(c) for c in runs)
             steps = [runs[0][i][0] for i in range(n)]
             losses = [[c[i][1] for c in runs] for i in range(n)]  # (points, seeds)
+            losses = [[x / math.log(2) for x in v] for v in losses]  # nats -> bits
             mean = [statistics.fmean(v) for v in losses]
             ax.plot(steps, mean, color=_COLOURS[variant], label=variant)
             ax.fill_between(
@@ -401,7 +419,8 @@ def _plot_curves(summary: dict, path: Path) -> None:
             )
         ax.set_title(task)
         ax.set_xlabel("step")
-        ax.set_ylabel("train loss (nats/token)")
+        # Bits, like the table: for charlm a token is a character, so this is bits/char.
+        ax.set_ylabel("train loss (bits/char)" if task == "charlm" else "train loss (bits/token)")
         ax.set_yscale("log")
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(tasks) :]:

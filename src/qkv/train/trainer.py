@@ -605,6 +605,50 @@ def train(
         ddp.shutdown(info)
 
 
+class _Lines:
+    """A stream for tqdm off a terminal: every refresh becomes a line of its own.
+
+    tqdm redraws its bar by writing a carriage return and the new bar; a log file or a
+    pipe keeps them all, so one physical line grows for the whole run.
+    """
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").rstrip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(
+    total: int, initial: int, desc: str, *, file=None, mininterval: float | None = None
+):
+    """A tqdm bar: redrawn in place on a terminal; elsewhere one short line every 30 s
+    (``mininterval``), without carriage returns."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    stream = sys.stderr if file is None else file
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    if tty:
+        return tqdm(total=total, initial=initial, desc=desc, unit="step", file=stream)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit="step",
+        file=_Lines(stream),
+        mininterval=30.0 if mininterval is None else mininterval,
+        ncols=80,
+        ascii=True,
+    )
+
+
 def _train(
     cfg, out: Path, resume, progress, threads, info: ddp.DistInfo, context_parallel: int = 1
 ) -> dict:
@@ -688,9 +732,7 @@ def _train(
 
     bar = None
     if progress and info.is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.task}/{cfg.attention}", unit="step")
+        bar = progress_bar(cfg.steps, start, f"{cfg.task}/{cfg.attention}")
     shard = cfg.batch_size // cp.data_size
     t0, tokens_t0 = time.perf_counter(), 0
     model.train()
