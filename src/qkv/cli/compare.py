@@ -56,23 +56,23 @@ def print_comparison(
     table.add_column("cosine", justify="right", no_wrap=True)
     show_same = controls is not None and controls.same.shape[0] > 0
     show_diff = controls is not None and controls.different.shape[0] > 0
-    if show_same:
-        table.add_column("same-sense", justify="right", no_wrap=True)
-    if show_diff:
-        table.add_column("other-sense", justify="right", no_wrap=True)
     widest = max(len("stage"), *(len(x) for x in cmp.labels))
     n_cols = 3 + show_same + show_diff
     fixed = table_overhead(n_cols) + widest + 7 + 12 * (show_same + show_diff)
     width = bar_width(out.width, fixed, most=30)
     if width:
         table.add_column("", no_wrap=True)
+    if show_same:
+        table.add_column("same-sense", justify="right", no_wrap=True)
+    if show_diff:
+        table.add_column("other-sense", justify="right", no_wrap=True)
     for i, (label, c) in enumerate(zip(cmp.labels, cmp.cosines.tolist(), strict=True)):
-        extra = []
+        cells = [label, f"{c:.4f}", *([bar(c, width)] if width else [])]
         if show_same:
-            extra.append(_range_cell(controls.same, i))
+            cells.append(_range_cell(controls.same, i))
         if show_diff:
-            extra.append(_range_cell(controls.different, i))
-        table.add_row(label, f"{c:.4f}", *extra, *([bar(c, width)] if width else []))
+            cells.append(_range_cell(controls.different, i))
+        table.add_row(*cells)
     out.print(table)
     if causal:
         out.print(
