@@ -286,3 +286,11 @@ def test_chosen_rows_of_a_4096_token_prompt_fit_in_2_gib():
     assert report["shapes"] == [[1, 9, 3, 4096]]
     assert report["min_row_sum"] > 0.999
     assert report["extra"] < 2 * 2**30, f"{report['extra'] / 2**30:.2f} GiB"
+
+
+def test_compare_works_on_a_decoder_and_says_what_its_vectors_are(capsys):
+    argv = ["compare", "I sat on the river bank", "I put cash in the bank", "--word", "bank"]
+    assert main([*argv, "--model", "smollm2"]) == 0
+    out = capsys.readouterr().out
+    assert "layer 30" in out
+    assert "depends only on the words before it" in " ".join(out.split())
