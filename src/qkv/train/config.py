@@ -106,8 +106,15 @@ def model_choice(name: str, value) -> None:
 
 
 # -- the sections -------------------------------------------------------------------
+class _Section:
+    """A section checks each of its fields on construction (see :func:`setting`)."""
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+
 @dataclass(frozen=True)
-class TaskConfig:
+class TaskConfig(_Section):
     """Which task is learned, and its own options (``None``: the task's default).
 
     The task name itself is checked when the task is built (``make_task`` lists the
@@ -121,7 +128,7 @@ class TaskConfig:
     block: int | None = setting(None, "Context window of charlm.")
 
     def __post_init__(self) -> None:
-        check_settings(self)
+        super().__post_init__()
         if self.text is not None:
             # Absolute, so a run resumed from another working directory finds the file
             # and its config.json still matches.
@@ -129,7 +136,7 @@ class TaskConfig:
 
 
 @dataclass(frozen=True)
-class ArchConfig:
+class ArchConfig(_Section):
     """The architecture the user chooses; the task decides the rest (vocabulary, length)."""
 
     attention: str = setting("trainable", "fixed, qk or trainable.", check=variant)
@@ -141,12 +148,9 @@ class ArchConfig:
     num_layers: int = setting(2, "Blocks (per stack).", check=positive_int)
     backend: str = setting("auto", "Attention backend.")
 
-    def __post_init__(self) -> None:
-        check_settings(self)
-
 
 @dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(_Section):
     """AdamW with linear warm-up and cosine decay from ``lr`` to ``min_lr``."""
 
     steps: int = setting(1000, "Optimiser steps.", check=positive_int)
@@ -164,13 +168,13 @@ class OptimConfig:
     grad_clip: float = setting(1.0, "Gradient norm clip.", check=non_negative_number)
 
     def __post_init__(self) -> None:
-        check_settings(self)
+        super().__post_init__()
         if self.lr <= 0 or self.min_lr > self.lr:
             raise ValueError(f"need 0 < min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(_Section):
     """Seeding, how often the run evaluates, logs and checkpoints, and where it runs."""
 
     seed: int = setting(0, "Seeds weights, data order and the eval sets.", check=non_negative_int)
@@ -180,9 +184,6 @@ class RunConfig:
     log_every: int = setting(10, "Steps per train-loss record.", check=positive_int)
     checkpoint_every: int = setting(250, "Checkpoint period in steps.", check=positive_int)
     device: str = setting("auto", "auto, cpu or cuda.")
-
-    def __post_init__(self) -> None:
-        check_settings(self)
 
 
 #: The sections of :class:`TrainConfig`: attribute name -> class.
