@@ -13,41 +13,53 @@ from pathlib import Path
 
 import typer
 
+from ..train.config import TrainConfig
 from .errors import UsageError, check_out_dir, check_read_file, user_paths
+from .options import build_config, config_options
+
+#: The order of ``qkv train --help``: the command's own options among the settings,
+#: as the page has always listed them. A setting missing here is listed at the end.
+_TRAIN_HELP_ORDER = (
+    "task",
+    "attention",
+    "steps",
+    "seed",
+    "out",
+    "resume",
+    "model",
+    "batch_size",
+    "lr",
+    "min_lr",
+    "warmup",
+    "weight_decay",
+    "grad_clip",
+    "d_model",
+    "num_heads",
+    "num_layers",
+    "eval_every",
+    "eval_examples",
+    "test_examples",
+    "log_every",
+    "checkpoint_every",
+    "text",
+    "n_pairs",
+    "n_keys",
+    "block",
+    "backend",
+    "device",
+)
 
 
 def _train_cmd(app: typer.Typer) -> None:
+    # The settings' options come from TrainConfig's fields (default, help text); only
+    # what is not a setting of the run is declared here: where it goes, whether it
+    # resumes, and how this process computes it.
     @app.command("train")
+    @config_options(TrainConfig, order=_TRAIN_HELP_ORDER)
     def train_cmd(
-        task: str = typer.Option(
-            ..., help="recall, reverse, sort, date-to-iso, iso-to-date, charlm."
-        ),
-        attention: str = typer.Option("trainable", help="fixed, qk or trainable."),
-        steps: int = typer.Option(1000, help="Optimiser steps."),
-        seed: int = typer.Option(0, help="Seeds weights, data order and the eval sets."),
+        settings: dict,
         out: str = typer.Option("out/run", help="Run directory."),
         resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
-        model: str = typer.Option(None, help="decoder or encdec (default: the task's)."),
-        batch_size: int = typer.Option(64, help="Global batch (split over torchrun processes)."),
-        lr: float = typer.Option(3e-3, help="Peak learning rate."),
-        min_lr: float = typer.Option(3e-4, help="Final learning rate of the cosine decay."),
-        warmup: int = typer.Option(50, help="Warm-up steps."),
-        weight_decay: float = typer.Option(0.01, help="AdamW weight decay (matrices only)."),
-        grad_clip: float = typer.Option(1.0, help="Gradient norm clip."),
-        d_model: int = typer.Option(64, help="Embedding width."),
-        num_heads: int = typer.Option(4, help="Attention heads."),
-        num_layers: int = typer.Option(2, help="Blocks (per stack)."),
-        eval_every: int = typer.Option(250, help="Validation period in steps."),
-        eval_examples: int = typer.Option(500, help="Validation examples."),
-        test_examples: int = typer.Option(1000, help="Test examples."),
-        log_every: int = typer.Option(10, help="Steps per train-loss record."),
-        checkpoint_every: int = typer.Option(250, help="Checkpoint period in steps."),
-        text: str = typer.Option(None, help="Text file for the charlm task."),
-        n_pairs: int = typer.Option(None, help="Key-value pairs per recall sequence."),
-        n_keys: int = typer.Option(None, help="Distinct keys per recall sequence."),
-        block: int = typer.Option(None, help="Context window of charlm."),
-        backend: str = typer.Option("auto", help="Attention backend."),
-        device: str = typer.Option("auto", help="auto, cpu or cuda."),
         threads: int = typer.Option(
             None, help="torch CPU threads (default: 1 per torchrun process)."
         ),
@@ -60,39 +72,13 @@ def _train_cmd(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
         """Train a small transformer whose attention is fixed, qk or trainable."""
-        from ..train.trainer import TrainConfig, TrainingDiverged, finished_results, train
+        from ..train.trainer import TrainingDiverged, finished_results, train
 
         check_out_dir("--out", out)
         _check_context_parallel(context_parallel)
-        if text is not None:
-            check_read_file("--text", text)
-        cfg = TrainConfig(
-            task=task,
-            attention=attention,
-            model=model,
-            steps=steps,
-            seed=seed,
-            batch_size=batch_size,
-            lr=lr,
-            min_lr=min_lr,
-            warmup=warmup,
-            weight_decay=weight_decay,
-            grad_clip=grad_clip,
-            d_model=d_model,
-            num_heads=num_heads,
-            num_layers=num_layers,
-            eval_every=eval_every,
-            eval_examples=eval_examples,
-            test_examples=test_examples,
-            log_every=log_every,
-            checkpoint_every=checkpoint_every,
-            text=None if text is None else str(text),
-            n_pairs=n_pairs,
-            n_keys=n_keys,
-            block=block,
-            backend=backend,
-            device=device,
-        )
+        if settings["text"] is not None:
+            check_read_file("--text", settings["text"])
+        cfg = build_config(TrainConfig, settings)
         was_finished = resume and finished_results(out, cfg.steps) is not None
         try:
             with user_paths("--out", out):
@@ -107,11 +93,11 @@ def _train_cmd(app: typer.Typer) -> None:
         except TrainingDiverged as err:
             raise UsageError(str(err)) from err
         if was_finished:
-            typer.echo(f"{out} has already finished its {steps} steps: nothing to resume")
+            typer.echo(f"{out} has already finished its {cfg.steps} steps: nothing to resume")
         t = results["test"]
         typer.echo(
-            f"{task}/{attention} seed {seed}: test loss {t['loss']:.4f}, token accuracy "
-            f"{t['token_acc']:.4f}, answer accuracy {t['seq_acc']:.4f} ({out})"
+            f"{cfg.task}/{cfg.attention} seed {cfg.seed}: test loss {t['loss']:.4f}, token "
+            f"accuracy {t['token_acc']:.4f}, answer accuracy {t['seq_acc']:.4f} ({out})"
         )
 
 

@@ -179,6 +179,32 @@ def run_experiment(
     full_results = read_against(against) if quick and against is not None else None
     if jobs < 1:
         raise ValueError(f"jobs must be a positive integer, got {jobs}")
+    setup = _set_up(plan, quick, out, work, seeds, tasks, command)
+    todo, results = _plan_runs(plan, setup, progress)
+    elapsed = _train_runs(todo, jobs, progress, results)
+    summary = _summary(plan, setup, results, jobs, elapsed)
+    if full_results is not None:
+        ok, why = quick_check(summary, full_results)
+        summary["check"] = {"ok": ok, "against": str(against), "message": why}
+    summary["table_markdown"] = table_markdown(summary)
+    _write(summary, setup.out)
+    _plot(plan, setup, summary)
+    return summary
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What one call of :func:`run_experiment` runs, and where."""
+
+    out: Path
+    work: Path
+    n_seeds: int
+    chosen: list[TaskPlan]
+    command: str
+
+
+def _set_up(plan: ExperimentPlan, quick: bool, out, work, seeds, tasks, command) -> _Setup:
+    """Folders (created), seeds, the chosen tasks and the command line that reproduces them."""
     out = Path(out or ("out/experiment-quick" if quick else "experiments/results"))
     work = Path(work or (out / "runs" if quick else "out/experiment-runs"))
     n_seeds = plan.seeds if seeds is None else seeds
@@ -197,19 +223,28 @@ def run_experiment(
         command += "" if tasks is None else f" --tasks {','.join(tasks)}"
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    text = work / CHARLM_TEXT
-    if any(t.task == "charlm" for t in chosen) and not text.exists():
-        text.write_text(agreement_text(0, 200_000), encoding="utf-8")
+    return _Setup(out, work, n_seeds, chosen, command)
 
+
+def _plan_runs(plan: ExperimentPlan, setup: _Setup, progress: bool) -> tuple[list, dict]:
+    """The runs still to train, and the results of those already finished.
+
+    Returns ``(todo, results)``: ``todo`` holds ``(key, config, run folder)`` and
+    ``results`` maps ``(task, variant, seed)`` to a reused run's results.json. A run
+    folder trained with other settings is removed, to be trained again.
+    """
+    text = setup.work / CHARLM_TEXT
+    if any(t.task == "charlm" for t in setup.chosen) and not text.exists():
+        text.write_text(agreement_text(0, 200_000), encoding="utf-8")
     todo, results = [], {}
-    for tp in chosen:
+    for tp in setup.chosen:
         for variant in plan.variants:
-            for seed in range(n_seeds):
+            for seed in range(setup.n_seeds):
                 opts = dict(tp.options)
                 if tp.task == "charlm":
                     opts["text"] = str(text)
                 cfg = TrainConfig(tp.task, attention=variant, steps=tp.steps, seed=seed, **opts)
-                run_dir = work / tp.task / variant / f"seed{seed}"
+                run_dir = setup.work / tp.task / variant / f"seed{seed}"
                 key = (tp.task, variant, seed)
                 done = _finished(run_dir, cfg)
                 if done is not None:
@@ -221,7 +256,11 @@ def run_experiment(
                         print(f"{run_dir}: settings changed, training it again", flush=True)
                     shutil.rmtree(run_dir)
                 todo.append((key, cfg, run_dir))
+    return todo, results
 
+
+def _train_runs(todo: list, jobs: int, progress: bool, results: dict) -> float:
+    """Train ``todo`` in ``jobs`` worker processes, adding to ``results``; returns seconds."""
     start = time.perf_counter()
     if todo:
         ctx = get_context("spawn")  # fresh interpreters: no inherited thread pools
@@ -229,11 +268,11 @@ def run_experiment(
             futures = {
                 pool.submit(
                     _run_one, cfg.to_dict(), str(run_dir), (run_dir / "config.json").exists()
-                ): (key, run_dir)
+                ): key
                 for key, cfg, run_dir in todo
             }
             for i, fut in enumerate(as_completed(futures), 1):
-                key, run_dir = futures[fut]
+                key = futures[fut]
                 results[key] = fut.result()
                 if progress:
                     t = results[key]["test"]
@@ -247,38 +286,46 @@ def run_experiment(
                         f"({time.perf_counter() - start:.0f}s)",
                         flush=True,
                     )
-    elapsed = time.perf_counter() - start
+    return time.perf_counter() - start
 
+
+def _summary(plan: ExperimentPlan, setup: _Setup, results: dict, jobs: int, elapsed: float):
+    """:func:`summarise` plus what the call did: runs, curves, timings, machine."""
+    work = setup.work
     dirs = {"/".join(map(str, key)): work / key[0] / key[1] / f"seed{key[2]}" for key in results}
     curves = {name: _curve(d) for name, d in dirs.items()}
     seconds = {name: _train_seconds(d) for name, d in dirs.items()}
-    summary = summarise(chosen, results, n_seeds, plan.variants)
+    summary = summarise(setup.chosen, results, setup.n_seeds, plan.variants)
     summary.update(
         plan=plan.name,
-        command=command,
-        seeds=n_seeds,
+        command=setup.command,
+        seeds=setup.n_seeds,
         jobs=jobs,
         wall_seconds_this_call=round(elapsed, 1),
         train_seconds_total=round(sum(seconds.values()), 1),
         train_seconds=seconds,
         runs={"/".join(map(str, k)): v for k, v in sorted(results.items())},
         curves=curves,
-        out=str(out),
+        out=str(setup.out),
         machine=machine_description(),
     )
-    if full_results is not None:
-        ok, why = quick_check(summary, full_results)
-        summary["check"] = {"ok": ok, "against": str(against), "message": why}
-    summary["table_markdown"] = table_markdown(summary)
+    return summary
+
+
+def _write(summary: dict, out: Path) -> None:
+    """results.json (the summary without its markdown) and results.md."""
     (out / "results.json").write_text(
         json.dumps({k: v for k, v in summary.items() if k != "table_markdown"}, indent=1)
     )
     (out / "results.md").write_text(summary["table_markdown"] + "\n", encoding="utf-8")
-    _plot_curves(summary, out / "loss_curves.png")
+
+
+def _plot(plan: ExperimentPlan, setup: _Setup, summary: dict) -> None:
+    """The loss curves, and the attention heatmaps of the plan's chosen heatmap tasks."""
+    _plot_curves(summary, setup.out / "loss_curves.png")
     for task in plan.heatmaps:
-        if any(t.task == task for t in chosen):
-            _plot_attention(task, work, out / f"attention_{task}.png")
-    return summary
+        if any(t.task == task for t in setup.chosen):
+            _plot_attention(task, setup.work, setup.out / f"attention_{task}.png")
 
 
 def _stats(values: list[float]) -> dict:

@@ -25,7 +25,15 @@ from torch import Tensor
 
 from .. import _checks as C
 from ..cache import KVCache
-from .variants import check_variant, make_attention
+from .config import (
+    ArchConfig,
+    check_settings,
+    optional_positive_int,
+    positive_int,
+    same_setting,
+    setting,
+)
+from .variants import make_attention
 
 __all__ = [
     "MODEL_KINDS",
@@ -40,9 +48,20 @@ __all__ = [
 MODEL_KINDS = ("decoder", "encdec")
 
 
+def _model_kind(name: str, kind) -> None:
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"model kind must be one of {list(MODEL_KINDS)}, got {kind!r}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Size and kind of a model; validated on construction.
+
+    The architecture fields (``attention``, ``d_model``, ``num_heads``, ``num_layers``,
+    ``backend``) are :class:`~qkv.train.config.ArchConfig`'s, with its defaults and
+    checks; the rest is decided by the task (``kind``, ``vocab_size``, ``max_len``).
+    The fields stay flat because config.json records them so and callers pass
+    ``kind, vocab_size, attention`` by position.
 
     Attributes:
         kind: ``"decoder"`` (decoder-only) or ``"encdec"`` (encoder-decoder).
@@ -56,23 +75,18 @@ class ModelConfig:
         backend: attention backend name or ``"auto"``.
     """
 
-    kind: str
-    vocab_size: int
-    attention: str = "trainable"
-    d_model: int = 64
-    num_heads: int = 4
-    num_layers: int = 2
-    d_ff: int | None = None
-    max_len: int = 128
-    backend: str = "auto"
+    kind: str = setting(check=_model_kind)
+    vocab_size: int = setting(check=positive_int)
+    attention: str = same_setting(ArchConfig, "attention")
+    d_model: int = same_setting(ArchConfig, "d_model")
+    num_heads: int = same_setting(ArchConfig, "num_heads")
+    num_layers: int = same_setting(ArchConfig, "num_layers")
+    d_ff: int | None = setting(None, check=optional_positive_int)
+    max_len: int = setting(128, check=positive_int)
+    backend: str = same_setting(ArchConfig, "backend")
 
     def __post_init__(self) -> None:
-        if self.kind not in MODEL_KINDS:
-            raise ValueError(f"model kind must be one of {list(MODEL_KINDS)}, got {self.kind!r}")
-        check_variant(self.attention)
-        for name in ("vocab_size", "d_model", "num_heads", "num_layers", "max_len"):
-            C.check_positive_int(name, getattr(self, name))
-        C.check_positive_int("d_ff", self.d_ff, allow_none=True)
+        check_settings(self)
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}"

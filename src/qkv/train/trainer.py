@@ -50,9 +50,9 @@ from torch import Tensor
 
 from .. import _checks as C
 from . import ddp
+from .config import TrainConfig
 from .models import ModelConfig, attention_parameter_count, build_model
 from .tasks import IGNORE, Batch, CharLMTask, make_task
-from .variants import check_variant
 
 __all__ = [
     "TIMING_KEYS",
@@ -82,100 +82,6 @@ class RunFileError(ValueError):
     A ValueError because the fix is the user's (another folder, another checkpoint),
     like any other bad argument; the message names the file.
     """
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that decides a training run; validated on construction.
-
-    Attributes:
-        task: task name (see :data:`qkv.train.tasks.TASKS`).
-        attention: ``"fixed"``, ``"qk"`` or ``"trainable"``.
-        model: ``"decoder"`` or ``"encdec"``; default: the task's own choice.
-        steps: optimiser steps.
-        seed: seeds the weights, the data stream and the validation/test sets.
-        batch_size: global batch (split over processes under torchrun).
-        lr, min_lr: peak and final learning rate of the cosine schedule.
-        warmup: steps of linear warm-up from 0 to ``lr``.
-        weight_decay: AdamW decay on matrices (not on norms and biases).
-        grad_clip: maximal global gradient norm.
-        d_model, num_heads, num_layers: model size (see :class:`ModelConfig`).
-        eval_every: validation period in steps (and at the end).
-        eval_examples, test_examples: sizes of the validation and test sets.
-        log_every: steps per train-loss line in metrics.jsonl.
-        checkpoint_every: checkpoint period in steps (and at the end).
-        text, n_pairs, n_keys, block: task options (charlm text file; recall's pairs per
-            sequence and keys per table; charlm's context window).
-        backend: attention backend, ``"auto"`` by default.
-        device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
-    """
-
-    task: str
-    attention: str = "trainable"
-    model: str | None = None
-    steps: int = 1000
-    seed: int = 0
-    batch_size: int = 64
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup: int = 50
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    d_model: int = 64
-    num_heads: int = 4
-    num_layers: int = 2
-    eval_every: int = 250
-    eval_examples: int = 500
-    test_examples: int = 1000
-    log_every: int = 10
-    checkpoint_every: int = 250
-    text: str | None = None
-    n_pairs: int | None = None
-    n_keys: int | None = None
-    block: int | None = None
-    backend: str = "auto"
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        check_variant(self.attention)
-        if self.model not in (None, "decoder", "encdec"):
-            raise ValueError(f"model must be 'decoder' or 'encdec', got {self.model!r}")
-        for name in (
-            "steps",
-            "batch_size",
-            "d_model",
-            "num_heads",
-            "num_layers",
-            "eval_every",
-            "eval_examples",
-            "test_examples",
-            "log_every",
-            "checkpoint_every",
-        ):
-            C.check_positive_int(name, getattr(self, name))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"warmup must be a non-negative integer, got {self.warmup!r}")
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.lr <= 0 or self.min_lr > self.lr:
-            raise ValueError(f"need 0 < min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
-        if self.text is not None:
-            object.__setattr__(self, "text", str(Path(self.text).resolve()))
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown training settings {unknown}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -531,24 +437,22 @@ def _rewrite_metrics(path: Path, upto: int) -> None:
 
 # -- the run ----------------------------------------------------------------------------
 def build_task(cfg: TrainConfig):
-    return make_task(
-        cfg.task, cfg.seed, text=cfg.text, n_pairs=cfg.n_pairs, n_keys=cfg.n_keys, block=cfg.block
-    )
+    """The task of ``cfg``, with its options (every field of ``cfg.data`` but the name)."""
+    options = asdict(cfg.data)
+    return make_task(options.pop("task"), cfg.seed, **options)
 
 
 def model_config(cfg: TrainConfig, task) -> ModelConfig:
+    """The model of ``cfg`` for ``task``: the chosen architecture, the task's sizes."""
     kind = "decoder" if isinstance(task, CharLMTask) else (cfg.model or task.default_model)
     if isinstance(task, CharLMTask) and cfg.model == "encdec":
         raise ValueError("the charlm task needs model='decoder'")
+    shared = {f.name for f in fields(ModelConfig)} & {f.name for f in fields(cfg.arch)}
     return ModelConfig(
         kind=kind,
         vocab_size=len(task.vocab),
-        attention=cfg.attention,
-        d_model=cfg.d_model,
-        num_heads=cfg.num_heads,
-        num_layers=cfg.num_layers,
         max_len=task.max_length(kind),
-        backend=cfg.backend,
+        **{name: getattr(cfg.arch, name) for name in sorted(shared)},
     )
 
 
@@ -652,6 +556,47 @@ def progress_bar(
 def _train(
     cfg, out: Path, resume, progress, threads, info: ddp.DistInfo, context_parallel: int = 1
 ) -> dict:
+    """Set up, claim the run folder, start or resume, run the steps, evaluate and finish."""
+    cp, task, mcfg = _set_up(cfg, threads, info, context_parallel)
+    ckpt, finished = _claim_folder(cfg, out, resume, run_config(cfg, task, mcfg), info)
+    if finished is not None:
+        return finished  # a finished run: resuming it changes nothing, appends nothing
+    run, start, acc = _start(cfg, out, resume and ckpt is not None, ckpt, info, cp, task, mcfg)
+    _loop(run, start, acc, progress)
+    return _finish(run)
+
+
+@dataclass
+class _Run:
+    """What the pieces of one training share once it has started."""
+
+    cfg: TrainConfig
+    out: Path
+    info: ddp.DistInfo
+    cp: ddp.ContextGroups
+    task: object
+    mcfg: ModelConfig
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    net: torch.nn.Module  # the model as trained: wrapped in DDP under torchrun
+    val: list[Batch]
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    def log(self, record: dict) -> None:
+        """Append one record to metrics.jsonl (process 0 only)."""
+        if self.info.is_main:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _set_up(cfg: TrainConfig, threads, info: ddp.DistInfo, context_parallel: int):
+    """Threads, process groups, task and model config; refuses settings that cannot run.
+
+    Returns ``(context groups, task, model config)``.
+    """
     if threads is None and info.distributed:
         threads = 1  # N processes on N cores: one thread each avoids oversubscription
     if threads is not None:
@@ -670,7 +615,16 @@ def _train(
             f"context_parallel={cp.size} splits decoder-only models; the {cfg.task} task "
             f"trains an {mcfg.kind} model here (pass --model decoder)"
         )
-    settings = run_config(cfg, task, mcfg)
+    return cp, task, mcfg
+
+
+def _claim_folder(
+    cfg: TrainConfig, out: Path, resume: bool, settings: dict, info: ddp.DistInfo
+) -> tuple[Path | None, dict | None]:
+    """Check that ``out`` may hold this run, clean it, and write config.json for a new one.
+
+    Returns ``(newest checkpoint or None, results of an already finished run or None)``.
+    """
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file, not a run folder; choose another --out")
     ckpt = latest_checkpoint(out)
@@ -702,21 +656,31 @@ def _train(
     if holds_run:
         done = finished_results(out, cfg.steps)
         if done is not None:
-            return done  # a finished run: resuming it changes nothing, appends nothing
+            return ckpt, done
     elif info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / "config.json", settings)
     ddp.barrier(info)
+    return ckpt, None
 
+
+def _start(
+    cfg: TrainConfig, out: Path, restore: bool, ckpt: Path | None, info, cp, task, mcfg
+) -> tuple[_Run, int, dict]:
+    """Build model and optimiser, restore checkpoint ``ckpt`` when ``restore``.
+
+    Also trims metrics.jsonl to the restored step. Returns ``(run, first step, running
+    train loss of the current logging interval)``.
+    """
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg).to(info.device)
     opt = torch.optim.AdamW(
         _param_groups(model), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
     )
     start, acc = 0, {"loss": 0.0, "steps": 0, "tokens": 0}
-    metrics_path = out / "metrics.jsonl"
-    if resume and ckpt is not None:
+    if restore:
         start, acc = _restore(ckpt, model, opt, cfg)
+    metrics_path = out / "metrics.jsonl"
     if info.is_main:
         if start == 0:
             metrics_path.write_text("", encoding="utf-8")
@@ -724,49 +688,23 @@ def _train(
             _rewrite_metrics(metrics_path, start)
     net = ddp.wrap(model, info)
     val = task.eval_batches("val", cfg.eval_examples, 256, mcfg.kind)
+    return _Run(cfg, out, info, cp, task, mcfg, model, opt, net, val), start, acc
 
-    def log(record: dict) -> None:
-        if info.is_main:
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
 
+def _loop(run: _Run, start: int, acc: dict, progress: bool) -> None:
+    """Steps ``start .. cfg.steps``: train, and log, validate and checkpoint on schedule."""
+    cfg, info = run.cfg, run.info
     bar = None
     if progress and info.is_main:
         bar = progress_bar(cfg.steps, start, f"{cfg.task}/{cfg.attention}")
-    shard = cfg.batch_size // cp.data_size
     t0, tokens_t0 = time.perf_counter(), 0
-    model.train()
+    run.model.train()
     for step in range(start, cfg.steps):
-        lr = lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        full = task.train_batch(step, cfg.batch_size, mcfg.kind)
-        n_tokens = int((full.labels != IGNORE).sum())  # over the global batch
-        batch = full.rows(cp.data_rank * shard, (cp.data_rank + 1) * shard).to(info.device)
-        if cp.group is None:
-            losses = _token_losses(forward_logits(net, batch), batch.labels)
-        else:
-            losses = _context_parallel_losses(net, batch, cp, mcfg.max_len)
-        # Sum over this shard / tokens of the whole batch, times the number of processes
-        # (DDP averages gradients): every process's gradient adds up to the global mean.
-        # With context parallelism a shard is part of each row; ring attention's backward
-        # hands every process the gradient of all processes' losses through its keys and
-        # values, so the same sum over all processes is again the global mean's gradient.
-        loss = losses.sum() * (info.world_size / n_tokens)
-        total = ddp.all_reduce_sum(losses.sum().detach().double().cpu().reshape(1), info)
-        step_loss = total.item() / n_tokens
-        if not math.isfinite(step_loss):
-            raise TrainingDiverged(_diverged_message("loss", step_loss, step, out))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if not math.isfinite(norm.item()):
-            raise TrainingDiverged(_diverged_message("gradient norm", norm.item(), step, out))
-        opt.step()
+        lr, step_loss, norm, tokens = _step(run, step)
         acc["loss"] += step_loss
         acc["steps"] += 1
-        acc["tokens"] += int(full.inputs.numel())
-        tokens_t0 += int(full.inputs.numel())
+        acc["tokens"] += tokens
+        tokens_t0 += tokens
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             elapsed = time.perf_counter() - t0
@@ -775,40 +713,81 @@ def _train(
                 "split": "train",
                 "loss": acc["loss"] / acc["steps"],
                 "lr": lr,
-                "grad_norm": norm.item(),
+                "grad_norm": norm,
                 "elapsed_s": elapsed,
                 "tokens_per_s": tokens_t0 / max(elapsed, 1e-9),
             }
-            log(record)
+            run.log(record)
             if bar is not None:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             acc = {"loss": 0.0, "steps": 0, "tokens": 0}
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            log({"step": done, "split": "val", **evaluate(model, val, info)})
+            run.log({"step": done, "split": "val", **evaluate(run.model, run.val, info)})
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             if info.is_main:
-                save_checkpoint(out, done, model, opt, {"acc": acc})
+                save_checkpoint(run.out, done, run.model, run.opt, {"acc": acc})
             ddp.barrier(info)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
 
-    test = task.eval_batches("test", cfg.test_examples, 256, mcfg.kind)
+
+def _step(run: _Run, step: int) -> tuple[float, float, float, int]:
+    """One optimiser step on batch ``step``; returns ``(lr, loss, grad norm, tokens)``.
+
+    ``loss`` is the global batch's mean loss per answer token and ``tokens`` the global
+    batch's size in token positions (for the throughput).
+    """
+    cfg, info, cp = run.cfg, run.info, run.cp
+    lr = lr_at(step, cfg)
+    for g in run.opt.param_groups:
+        g["lr"] = lr
+    shard = cfg.batch_size // cp.data_size
+    full = run.task.train_batch(step, cfg.batch_size, run.mcfg.kind)
+    n_tokens = int((full.labels != IGNORE).sum())  # over the global batch
+    batch = full.rows(cp.data_rank * shard, (cp.data_rank + 1) * shard).to(info.device)
+    if cp.group is None:
+        losses = _token_losses(forward_logits(run.net, batch), batch.labels)
+    else:
+        losses = _context_parallel_losses(run.net, batch, cp, run.mcfg.max_len)
+    # Sum over this shard / tokens of the whole batch, times the number of processes
+    # (DDP averages gradients): every process's gradient adds up to the global mean.
+    # With context parallelism a shard is part of each row; ring attention's backward
+    # hands every process the gradient of all processes' losses through its keys and
+    # values, so the same sum over all processes is again the global mean's gradient.
+    loss = losses.sum() * (info.world_size / n_tokens)
+    total = ddp.all_reduce_sum(losses.sum().detach().double().cpu().reshape(1), info)
+    step_loss = total.item() / n_tokens
+    if not math.isfinite(step_loss):
+        raise TrainingDiverged(_diverged_message("loss", step_loss, step, run.out))
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip).item()
+    if not math.isfinite(norm):
+        raise TrainingDiverged(_diverged_message("gradient norm", norm, step, run.out))
+    run.opt.step()
+    return lr, step_loss, norm, int(full.inputs.numel())
+
+
+def _finish(run: _Run) -> dict:
+    """Validate and test the final weights; write the test record and results.json."""
+    cfg, model, info = run.cfg, run.model, run.info
+    test = run.task.eval_batches("test", cfg.test_examples, 256, run.mcfg.kind)
     results = {
         "task": cfg.task,
         "attention": cfg.attention,
-        "model": mcfg.kind,
+        "model": run.mcfg.kind,
         "seed": cfg.seed,
         "steps": cfg.steps,
         "parameters": sum(p.numel() for p in model.parameters()),
         "attention_parameters": attention_parameter_count(model),
-        "val": evaluate(model, val, info),
+        "val": evaluate(model, run.val, info),
         "test": evaluate(model, test, info),
     }
     if info.is_main:
-        log({"step": cfg.steps, "split": "test", **results["test"]})
-        _write_json(out / "results.json", results)
+        run.log({"step": cfg.steps, "split": "test", **results["test"]})
+        _write_json(run.out / "results.json", results)
     return results
 
 
