@@ -169,3 +169,11 @@ def test_set_backend_is_validated_and_keeps_the_rest():
         layer.config = before  # the layer owns its settings; set_backend changes them
     x = torch.randn(1, 3, 8)
     assert layer(x, need_weights=True).backend == "reference"
+
+
+def test_forward_intermediates_refuses_the_weights_flags_and_unknown_options():
+    layer = MultiHeadAttention(8, 2)
+    x = torch.randn(1, 3, 8)
+    for bad in ({"need_weights": False}, {"average_weights": True}, {"mask": None}):
+        with pytest.raises(TypeError, match="forward_intermediates got unexpected arguments"):
+            layer.forward_intermediates(x, **bad)

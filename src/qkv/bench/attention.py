@@ -36,17 +36,7 @@ from ..backends import backends as registered_backends
 from ..backends import choose_backend, make_request
 from ..functional import scaled_dot_product_attention
 from . import pipeline
-from .pipeline import (
-    Suite,
-    load_text,
-    machine_at_end,
-    max_abs,
-    memory_method,
-    mib,
-    run_report,
-    timing_fields,
-    warm_up_each,
-)
+from .pipeline import load_text
 from .timing import (
     DTYPES,
     MemoryMeter,
@@ -125,12 +115,7 @@ class AttentionBenchConfig:
         for name in ("budget_s", "max_call_s", "mem_limit_gib"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if self.min_reps > self.max_reps:
-            raise ValueError(f"min_reps={self.min_reps} > max_reps={self.max_reps}")
-        if not self.min_sample_s >= 0:
-            raise ValueError(f"min_sample_s must be >= 0, got {self.min_sample_s!r}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
+        pipeline.check_rounds(self)
 
 
 # ------------------------------------------------------------- implementations
@@ -216,12 +201,12 @@ def _score_bytes_estimate(B: int, H: int, L: int, S: int, mode: str) -> int:
 
 def _check(got: tuple[Tensor, ...], want: tuple[Tensor, ...]) -> dict[str, float]:
     names = ("out", "dq", "dk", "dv")
-    return {n: max_abs(g, w) for n, g, w in zip(names, got, want, strict=False)}
+    return {n: pipeline.max_abs(g, w) for n, g, w in zip(names, got, want, strict=False)}
 
 
 def run(cfg: AttentionBenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the grid; return everything as a JSON-ready dict."""
-    return run_report(SUITE, cfg, log)
+    return pipeline.run_report(SUITE, cfg, log)
 
 
 def _run(cfg: AttentionBenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
@@ -268,10 +253,10 @@ def _run(cfg: AttentionBenchConfig, log: Callable[[str], None]) -> dict[str, Any
     return {
         "benchmark": "attention",
         "config": asdict(cfg),
-        "machine": machine_at_end(machine),
+        "machine": pipeline.machine_at_end(machine),
         "matmul_peak_gflops": peaks,
         "matmul_peak_runs": peak_runs,
-        "memory_method": memory_method(meter),
+        "memory_method": pipeline.memory_method(meter),
         "conventions": {
             "flops_fwd": "4*B*H*L*S*d, halved when causal",
             "flops_fwd_bwd": f"{BWD_FACTOR} x forward",
@@ -327,7 +312,7 @@ def _run_case(cfg, impls, meter, dtype, mode, causal, L, state: _Series):
     with torch.no_grad() if mode == "fwd" else torch.enable_grad():
         # Untimed warm-up: memory measurement, and the outputs kept for the check below
         # (long cases are checked against SDPA's, so all are needed at once).
-        warmed = warm_up_each(calls, meter, got.__setitem__)
+        warmed = pipeline.warm_up_each(calls, meter, got.__setitem__)
         first_s, mem, errors = warmed.first_s, warmed.mem, warmed.errors
         for name in errors:
             state.failed[name] = f"failed at L={L}"
@@ -355,10 +340,10 @@ def _run_case(cfg, impls, meter, dtype, mode, causal, L, state: _Series):
             state.last[impl.name] = (L, t.median_s)
             rec.update(
                 status="ok",
-                **timing_fields(t),
+                **pipeline.timing_fields(t),
                 gflops=fl / t.median_s / 1e9,
                 pct_peak=None,  # set once the peak is known (after the grid)
-                mem_extra_mib=mib(mem[impl.name]),
+                mem_extra_mib=pipeline.mib(mem[impl.name]),
                 check_against=against,
                 check_max_abs=checks.get(impl.name),
             )
@@ -697,4 +682,4 @@ def write_outputs(report: dict[str, Any], out_dir: Path, stem: str = "attention"
 
 
 #: The suite as :mod:`qkv.bench.pipeline` runs it (``qkv bench --suite attention``).
-SUITE = Suite("attention", "attention", _run, render_markdown, render_plot)
+SUITE = pipeline.Suite("attention", "attention", _run, render_markdown, render_plot)

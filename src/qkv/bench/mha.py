@@ -41,17 +41,7 @@ from torch import Tensor
 from ..backends import backends as registered_backends
 from ..modules import MultiHeadAttention, SelfAttention
 from . import pipeline
-from .pipeline import (
-    Suite,
-    load_text,
-    machine_at_end,
-    max_abs,
-    memory_method,
-    mib,
-    run_report,
-    timing_fields,
-    warm_up_each,
-)
+from .pipeline import load_text
 from .timing import DTYPES, MemoryMeter, fmt_ms, interleaved_timings, machine_info
 
 __all__ = [
@@ -109,12 +99,7 @@ class MHABenchConfig:
             raise ValueError(f"modes must be among {list(MODES)}, got {list(self.modes)}")
         if not self.budget_s > 0:
             raise ValueError(f"budget_s must be > 0, got {self.budget_s!r}")
-        if self.min_reps > self.max_reps:
-            raise ValueError(f"min_reps={self.min_reps} > max_reps={self.max_reps}")
-        if not self.min_sample_s >= 0:
-            raise ValueError(f"min_sample_s must be >= 0, got {self.min_sample_s!r}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
+        pipeline.check_rounds(self)
 
 
 # --------------------------------------------------------------------- weights
@@ -384,7 +369,7 @@ def check_agreement(
 
 def run(cfg: MHABenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Time every comparator (interleaved) and check they agree; JSON-ready dict."""
-    return run_report(SUITE, cfg, log)
+    return pipeline.run_report(SUITE, cfg, log)
 
 
 def _run(cfg: MHABenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
@@ -421,10 +406,10 @@ def _run(cfg: MHABenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
         def agree(name: str, got: tuple[Tensor, ...]) -> None:
             # Checked at once, so only one comparator's output is alive at a time.
             for what, a, b in zip(("out", "dx"), got, want, strict=False):
-                agreement.setdefault(name, {})[what] = max_abs(a, b)
+                agreement.setdefault(name, {})[what] = pipeline.max_abs(a, b)
 
         with torch.no_grad() if mode == "fwd" else torch.enable_grad():
-            warmed = warm_up_each(calls, meter, agree)
+            warmed = pipeline.warm_up_each(calls, meter, agree)
             first_s, mem, errors = warmed.first_s, warmed.mem, warmed.errors
             timings = interleaved_timings(
                 calls,
@@ -441,7 +426,9 @@ def _run(cfg: MHABenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
                 rec.update(status="error", reason=errors[name])
             else:
                 t = timings[name]
-                rec.update(status="ok", **timing_fields(t), mem_extra_mib=mib(mem[name]))
+                rec.update(
+                    status="ok", **pipeline.timing_fields(t), mem_extra_mib=pipeline.mib(mem[name])
+                )
             records.append(rec)
         ok = [r for r in records if r["mode"] == mode and r["status"] == "ok"]
         log(f"{mode}: " + ", ".join(f"{r['impl']} {fmt_ms(r['median_ms'])} ms" for r in ok))
@@ -449,8 +436,8 @@ def _run(cfg: MHABenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
     return {
         "benchmark": "mha_comparison",
         "config": asdict(cfg),
-        "machine": machine_at_end(machine),
-        "memory_method": memory_method(meter),
+        "machine": pipeline.machine_at_end(machine),
+        "memory_method": pipeline.memory_method(meter),
         "agreement_baseline": "classic comparator run in float64 with the same weights",
         "agreement": agreement,
         "results": records,
@@ -586,4 +573,4 @@ def write_outputs(
 
 
 #: The suite as :mod:`qkv.bench.pipeline` runs it (``qkv bench --suite mha``).
-SUITE = Suite("mha", "mha_comparison", _run, render_markdown)
+SUITE = pipeline.Suite("mha", "mha_comparison", _run, render_markdown)

@@ -31,6 +31,7 @@ from .timing import MemoryMeter, Timing, torch_threads, warm_up
 __all__ = [
     "Suite",
     "Warmed",
+    "check_rounds",
     "load_text",
     "machine_at_end",
     "max_abs",
@@ -48,6 +49,20 @@ Log = Callable[[str], None]
 
 class _SuiteConfig(Protocol):
     threads: int | None
+    max_reps: int
+    min_reps: int
+    min_sample_s: float
+
+
+def check_rounds(cfg: _SuiteConfig) -> None:
+    """The checks of the timing settings every suite config has (``ValueError`` naming
+    the setting); each config checks ``max_reps`` and ``min_reps`` are positive first."""
+    if cfg.min_reps > cfg.max_reps:
+        raise ValueError(f"min_reps={cfg.min_reps} > max_reps={cfg.max_reps}")
+    if not cfg.min_sample_s >= 0:
+        raise ValueError(f"min_sample_s must be >= 0, got {cfg.min_sample_s!r}")
+    if cfg.threads is not None and (not isinstance(cfg.threads, int) or cfg.threads < 1):
+        raise ValueError(f"threads must be a positive integer, got {cfg.threads!r}")
 
 
 @dataclass(frozen=True)

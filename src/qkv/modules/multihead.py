@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING, TypedDict
 
 import torch.nn as nn
 from torch import Tensor
@@ -16,7 +17,20 @@ from ..distributed.context import current_context_parallel
 from ..result import AttentionResult
 from .intermediates import AttentionIntermediates
 
-__all__ = ["MultiHeadAttention"]
+if TYPE_CHECKING:  # typing.Unpack is 3.11+; annotations are not evaluated at run time
+    from typing_extensions import Unpack
+
+__all__ = ["AttendOptions", "MultiHeadAttention"]
+
+
+class AttendOptions(TypedDict, total=False):
+    """The per-call options :meth:`MultiHeadAttention.forward` and
+    :meth:`~MultiHeadAttention.forward_intermediates` share (see ``forward``)."""
+
+    attn_mask: Tensor | None
+    key_padding_mask: Tensor | None
+    is_causal: bool | None
+    cache: KVCache | None
 
 
 def _projection(learned: bool, d_in: int, d_out: int, bias: bool) -> nn.Module:
@@ -183,26 +197,22 @@ class MultiHeadAttention(nn.Module):
         query: Tensor,
         key: Tensor | None = None,
         value: Tensor | None = None,
-        *,
-        attn_mask: Tensor | None = None,
-        key_padding_mask: Tensor | None = None,
-        is_causal: bool | None = None,
-        cache: KVCache | None = None,
+        **options: Unpack[AttendOptions],
     ) -> AttentionIntermediates:
-        """Like :meth:`forward` (same arguments and checks), keeping every head's
-        queries, keys, values, weights ``(B, H, L, S)`` and context vectors
-        ``(B, H, L, d_v)`` next to the output ``(B, L, d_model)``; see
-        :class:`~qkv.modules.AttentionIntermediates`. The output equals ``forward``'s."""
+        """Like :meth:`forward`, keeping every head's queries, keys, values, weights
+        ``(B, H, L, S)`` and context vectors ``(B, H, L, d_v)`` next to the output
+        ``(B, L, d_model)``; see :class:`~qkv.modules.AttentionIntermediates`.
+
+        Takes ``forward``'s arguments and checks (``attn_mask``, ``key_padding_mask``,
+        ``is_causal``, ``cache``: :class:`AttendOptions`) except the weights flags:
+        the weights are always kept, per head. The output equals ``forward``'s with
+        ``need_weights=True``.
+        """
+        unknown = sorted(set(options) - set(AttendOptions.__annotations__))
+        if unknown:
+            raise TypeError(f"forward_intermediates got unexpected arguments {unknown}")
         q, k, v, heads = self._attend(
-            query,
-            key,
-            value,
-            attn_mask=attn_mask,
-            key_padding_mask=key_padding_mask,
-            is_causal=is_causal,
-            need_weights=True,
-            average_weights=False,
-            cache=cache,
+            query, key, value, need_weights=True, average_weights=False, **options
         )
         out = self._merge_heads(heads.output)  # (B, L, d_model)
         return AttentionIntermediates(q, k, v, heads.weights, heads.output, out, heads.backend)
@@ -218,12 +228,12 @@ class MultiHeadAttention(nn.Module):
         key: Tensor | None,
         value: Tensor | None,
         *,
-        attn_mask: Tensor | None,
-        key_padding_mask: Tensor | None,
-        is_causal: bool | None,
         need_weights: bool,
         average_weights: bool,
-        cache: KVCache | None,
+        attn_mask: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        is_causal: bool | None = None,
+        cache: KVCache | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, AttentionResult]:
         """Check, project, split into heads and attend: ``(q, k, v, heads)`` with
         q ``(B, H, L, d_k)``, k/v ``(B, H_kv, S, d)`` (past + new with a cache) and the

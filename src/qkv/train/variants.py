@@ -72,13 +72,7 @@ def make_attention(
     ...  for v in VARIANTS]
     [0, 128, 256]
     """
-    cfg = AttentionConfig(
-        d_model=d_model,
-        num_heads=num_heads,
-        # Biases off: they would be extra learned terms outside the projections compared.
-        bias=False,
-        causal=causal,
-        backend=backend,
-        projections=check_variant(variant),
-    )
-    return MultiHeadAttention.from_config(cfg)
+    projections = check_variant(variant)
+    # Biases off: they would be extra learned terms outside the projections compared.
+    kw = dict(bias=False, causal=causal, backend=backend, projections=projections)
+    return MultiHeadAttention.from_config(AttentionConfig(d_model, num_heads, **kw))
