@@ -22,8 +22,6 @@ memory passes ``mem_limit_gib``; any implementation whose previous length extrap
 from __future__ import annotations
 
 import gc
-import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -37,6 +35,8 @@ from torch import Tensor
 from ..backends import backends as registered_backends
 from ..backends import choose_backend, make_request
 from ..functional import scaled_dot_product_attention
+from . import pipeline
+from .pipeline import load_text
 from .timing import (
     DTYPES,
     MemoryMeter,
@@ -44,8 +44,6 @@ from .timing import (
     interleaved_timings,
     machine_info,
     matmul_peak_gflops,
-    torch_threads,
-    warm_up,
 )
 
 __all__ = ["AttentionBenchConfig", "Impl", "implementations", "run", "targets", "write_outputs"]
@@ -117,12 +115,7 @@ class AttentionBenchConfig:
         for name in ("budget_s", "max_call_s", "mem_limit_gib"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if self.min_reps > self.max_reps:
-            raise ValueError(f"min_reps={self.min_reps} > max_reps={self.max_reps}")
-        if not self.min_sample_s >= 0:
-            raise ValueError(f"min_sample_s must be >= 0, got {self.min_sample_s!r}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
+        pipeline.check_rounds(self)
 
 
 # ------------------------------------------------------------- implementations
@@ -206,19 +199,14 @@ def _score_bytes_estimate(B: int, H: int, L: int, S: int, mode: str) -> int:
 # ------------------------------------------------------------------------- run
 
 
-def _max_abs(a: Tensor, b: Tensor) -> float:
-    return float((a.double() - b.double()).abs().max())
-
-
 def _check(got: tuple[Tensor, ...], want: tuple[Tensor, ...]) -> dict[str, float]:
     names = ("out", "dq", "dk", "dv")
-    return {n: _max_abs(g, w) for n, g, w in zip(names, got, want, strict=False)}
+    return {n: pipeline.max_abs(g, w) for n, g, w in zip(names, got, want, strict=False)}
 
 
 def run(cfg: AttentionBenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the grid; return everything as a JSON-ready dict."""
-    with torch_threads(cfg.threads):
-        return _run(cfg, log)
+    return pipeline.run_report(SUITE, cfg, log)
 
 
 def _run(cfg: AttentionBenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
@@ -265,18 +253,10 @@ def _run(cfg: AttentionBenchConfig, log: Callable[[str], None]) -> dict[str, Any
     return {
         "benchmark": "attention",
         "config": asdict(cfg),
-        "machine": {
-            **machine,
-            "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        },
+        "machine": pipeline.machine_at_end(machine),
         "matmul_peak_gflops": peaks,
         "matmul_peak_runs": peak_runs,
-        "memory_method": (
-            "rise of VmHWM over VmRSS during the warm-up call, after malloc_trim(0) and a "
-            "VmHWM reset; includes outputs and gradients"
-            if meter.available
-            else "unavailable on this platform"
-        ),
+        "memory_method": pipeline.memory_method(meter),
         "conventions": {
             "flops_fwd": "4*B*H*L*S*d, halved when causal",
             "flops_fwd_bwd": f"{BWD_FACTOR} x forward",
@@ -328,15 +308,14 @@ def _run_case(cfg, impls, meter, dtype, mode, causal, L, state: _Series):
             calls[impl.name] = _make_call(impl, q, k, v, gout, causal, mode)
         else:
             skipped[impl.name] = reason
-    first_s, mem, got, errors = {}, {}, {}, {}
+    got: dict[str, tuple[Tensor, ...]] = {}
     with torch.no_grad() if mode == "fwd" else torch.enable_grad():
-        for name, call in list(calls.items()):
-            try:  # untimed warm-up: memory measurement and correctness check
-                got[name], mem[name], first_s[name] = warm_up(call, meter)
-            except (RuntimeError, ValueError, MemoryError) as err:
-                errors[name] = f"{type(err).__name__}: {err}"[:300]
-                state.failed[name] = f"failed at L={L}"
-                del calls[name]
+        # Untimed warm-up: memory measurement, and the outputs kept for the check below
+        # (long cases are checked against SDPA's, so all are needed at once).
+        warmed = pipeline.warm_up_each(calls, meter, got.__setitem__)
+        first_s, mem, errors = warmed.first_s, warmed.mem, warmed.errors
+        for name in errors:
+            state.failed[name] = f"failed at L={L}"
         want, against = _expected(cfg, q, k, v, gout, causal, mode, L, got)
         checks = {n: _check(out, want) for n, out in got.items()} if want else {}
         del got, want
@@ -361,14 +340,10 @@ def _run_case(cfg, impls, meter, dtype, mode, causal, L, state: _Series):
             state.last[impl.name] = (L, t.median_s)
             rec.update(
                 status="ok",
-                median_ms=t.median_s * 1e3,
-                min_ms=min(t.samples) * 1e3,
-                samples_ms=[x * 1e3 for x in t.samples],
-                n_inner=t.n_inner,
-                first_call_ms=t.first_call_s * 1e3,
+                **pipeline.timing_fields(t),
                 gflops=fl / t.median_s / 1e9,
                 pct_peak=None,  # set once the peak is known (after the grid)
-                mem_extra_mib=None if mem[impl.name] is None else mem[impl.name] / 2**20,
+                mem_extra_mib=pipeline.mib(mem[impl.name]),
                 check_against=against,
                 check_max_abs=checks.get(impl.name),
             )
@@ -533,8 +508,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"Machine: {m['cpu_model']}, {m['cpus_usable']} usable CPUs, {m['ram_gib']} GiB RAM; "
         f"torch {m['torch_version']} ({m['torch_cpu_capability']}; flags {', '.join(m.get('cpu_flags', [])) or 'n/a'}), {m['torch_threads']} threads; "
-        f"{m['started']}. Load average (1/5/15 min) at start {_load(m['load_average_at_start'])}, "
-        f"at end {_load(m['load_average_at_end'])}: the machine is shared, so expect noise; "
+        f"{m['started']}. Load average (1/5/15 min) at start {load_text(m['load_average_at_start'])}, "
+        f"at end {load_text(m['load_average_at_end'])}: the machine is shared, so expect noise; "
         "every figure is a median of interleaved rounds.",
         "",
         f"Measured matmul peak (best square matmul, the higher of a measurement before and "
@@ -652,10 +627,6 @@ def _auto_summary(choices: list[dict[str, Any]]) -> str:
     return "; ".join(parts)
 
 
-def _load(avg) -> str:
-    return "n/a" if avg is None else "/".join(f"{x:.1f}" for x in avg)
-
-
 def render_plot(report: dict[str, Any], path: Path) -> None:
     """GFLOP/s and peak extra memory against L, one panel per dtype x mode x causal."""
     import matplotlib
@@ -707,14 +678,8 @@ def render_plot(report: dict[str, Any], path: Path) -> None:
 
 def write_outputs(report: dict[str, Any], out_dir: Path, stem: str = "attention") -> list[Path]:
     """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` under ``out_dir``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"]
-    paths[0].write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
-    paths[1].write_text(render_markdown(report))
-    render_plot(report, paths[2])
-    return paths
+    return pipeline.write_outputs(SUITE, report, out_dir, stem)
 
 
-def _json_default(x: Any) -> Any:
-    return str(x)  # anything non-JSON (a dtype, a path) is written as text
+#: The suite as :mod:`qkv.bench.pipeline` runs it (``qkv bench --suite attention``).
+SUITE = pipeline.Suite("attention", "attention", _run, render_markdown, render_plot)

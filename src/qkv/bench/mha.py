@@ -26,9 +26,7 @@ forward+backward back-propagates a fixed random gradient to the input and all we
 from __future__ import annotations
 
 import gc
-import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -42,15 +40,9 @@ from torch import Tensor
 
 from ..backends import backends as registered_backends
 from ..modules import MultiHeadAttention, SelfAttention
-from .timing import (
-    DTYPES,
-    MemoryMeter,
-    fmt_ms,
-    interleaved_timings,
-    machine_info,
-    torch_threads,
-    warm_up,
-)
+from . import pipeline
+from .pipeline import load_text
+from .timing import DTYPES, MemoryMeter, fmt_ms, interleaved_timings, machine_info
 
 __all__ = [
     "MHABenchConfig",
@@ -107,12 +99,7 @@ class MHABenchConfig:
             raise ValueError(f"modes must be among {list(MODES)}, got {list(self.modes)}")
         if not self.budget_s > 0:
             raise ValueError(f"budget_s must be > 0, got {self.budget_s!r}")
-        if self.min_reps > self.max_reps:
-            raise ValueError(f"min_reps={self.min_reps} > max_reps={self.max_reps}")
-        if not self.min_sample_s >= 0:
-            raise ValueError(f"min_sample_s must be >= 0, got {self.min_sample_s!r}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
+        pipeline.check_rounds(self)
 
 
 # --------------------------------------------------------------------- weights
@@ -148,6 +135,17 @@ class MHAWeights:
 def _set_linear(lin: nn.Linear, weight: Tensor, bias: Tensor) -> None:
     lin.weight.copy_(weight)
     lin.bias.copy_(bias)
+
+
+def _load_projections(module: nn.Module, w: MHAWeights) -> None:
+    """Copy ``w`` into ``module``'s ``q_proj``, ``k_proj``, ``v_proj`` and ``out_proj``."""
+    for name, wt, b in zip(
+        ("q_proj", "k_proj", "v_proj", "out_proj"),
+        (w.wq, w.wk, w.wv, w.wo),
+        (w.bq, w.bk, w.bv, w.bo),
+        strict=True,
+    ):
+        _set_linear(getattr(module, name), wt, b)
 
 
 def _causal_allowed(L: int) -> Tensor:
@@ -206,13 +204,7 @@ class ClassicMHA(nn.Module):
         self.register_buffer("blocked", ~_causal_allowed(max_len), persistent=False)
 
     def load(self, w: MHAWeights) -> None:
-        for lin, wt, b in zip(
-            (self.q_proj, self.k_proj, self.v_proj, self.out_proj),
-            (w.wq, w.wk, w.wv, w.wo),
-            (w.bq, w.bk, w.bv, w.bo),
-            strict=True,
-        ):
-            _set_linear(lin, wt, b)
+        _load_projections(self, w)
 
     def forward(self, x: Tensor) -> Tensor:
         B, L, _ = x.shape
@@ -308,14 +300,7 @@ class QkvMHA(nn.Module):
         self.mha = MultiHeadAttention(d_model, heads, causal=True, backend=backend)
 
     def load(self, w: MHAWeights) -> None:
-        m = self.mha
-        for lin, wt, b in zip(
-            (m.q_proj, m.k_proj, m.v_proj, m.out_proj),
-            (w.wq, w.wk, w.wv, w.wo),
-            (w.bq, w.bk, w.bv, w.bo),
-            strict=True,
-        ):
-            _set_linear(lin, wt, b)
+        _load_projections(self.mha, w)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.mha(x)
@@ -384,8 +369,7 @@ def check_agreement(
 
 def run(cfg: MHABenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Time every comparator (interleaved) and check they agree; JSON-ready dict."""
-    with torch_threads(cfg.threads):
-        return _run(cfg, log)
+    return pipeline.run_report(SUITE, cfg, log)
 
 
 def _run(cfg: MHABenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
@@ -418,17 +402,15 @@ def _run(cfg: MHABenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
     for mode in cfg.modes:
         gc.collect()  # cyclic garbage from set-up must not hold memory during the runs
         calls = {name: _make_call(m, x, gout, mode) for name, m in mods.items()}
-        first_s, mem, errors = {}, {}, {}
+
+        def agree(name: str, got: tuple[Tensor, ...]) -> None:
+            # Checked at once, so only one comparator's output is alive at a time.
+            for what, a, b in zip(("out", "dx"), got, want, strict=False):
+                agreement.setdefault(name, {})[what] = pipeline.max_abs(a, b)
+
         with torch.no_grad() if mode == "fwd" else torch.enable_grad():
-            for name, call in list(calls.items()):
-                try:
-                    got, mem[name], first_s[name] = warm_up(call, meter)
-                    for what, a, b in zip(("out", "dx"), got, want, strict=False):
-                        agreement.setdefault(name, {})[what] = _max_abs(a, b)
-                    del got
-                except (RuntimeError, ValueError, MemoryError) as err:
-                    errors[name] = f"{type(err).__name__}: {err}"[:300]
-                    del calls[name]
+            warmed = pipeline.warm_up_each(calls, meter, agree)
+            first_s, mem, errors = warmed.first_s, warmed.mem, warmed.errors
             timings = interleaved_timings(
                 calls,
                 first_call_s=first_s,
@@ -445,13 +427,7 @@ def _run(cfg: MHABenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
             else:
                 t = timings[name]
                 rec.update(
-                    status="ok",
-                    median_ms=t.median_s * 1e3,
-                    min_ms=min(t.samples) * 1e3,
-                    samples_ms=[s * 1e3 for s in t.samples],
-                    n_inner=t.n_inner,
-                    first_call_ms=t.first_call_s * 1e3,
-                    mem_extra_mib=None if mem[name] is None else mem[name] / 2**20,
+                    status="ok", **pipeline.timing_fields(t), mem_extra_mib=pipeline.mib(mem[name])
                 )
             records.append(rec)
         ok = [r for r in records if r["mode"] == mode and r["status"] == "ok"]
@@ -460,26 +436,14 @@ def _run(cfg: MHABenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
     return {
         "benchmark": "mha_comparison",
         "config": asdict(cfg),
-        "machine": {
-            **machine,
-            "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        },
-        "memory_method": (
-            "rise of VmHWM over VmRSS during the warm-up call, after malloc_trim(0) and a "
-            "VmHWM reset; includes outputs and gradients"
-            if meter.available
-            else "unavailable on this platform"
-        ),
+        "machine": pipeline.machine_at_end(machine),
+        "memory_method": pipeline.memory_method(meter),
         "agreement_baseline": "classic comparator run in float64 with the same weights",
         "agreement": agreement,
         "results": records,
         "targets": targets(records),
         "elapsed_s": time.perf_counter() - t_start,
     }
-
-
-def _max_abs(a: Tensor, b: Tensor) -> float:
-    return float((a.double() - b.double()).abs().max())
 
 
 def _make_call(module: nn.Module, x: Tensor, gout: Tensor, mode: str) -> Callable[[], Any]:
@@ -541,7 +505,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"Machine: {m['cpu_model']}, {m['cpus_usable']} usable CPUs; torch {m['torch_version']}, "
         f"{m['torch_threads']} threads; {m['started']}. Load average at start "
-        f"{_load(m['load_average_at_start'])}, at end {_load(m['load_average_at_end'])}: the "
+        f"{load_text(m['load_average_at_start'])}, at end {load_text(m['load_average_at_end'])}: the "
         "machine is shared, so expect noise; times are medians of interleaved rounds. "
         f"Memory: {report['memory_method']}.",
         "",
@@ -601,17 +565,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + ("\n" if failed else "")
 
 
-def _load(avg) -> str:
-    return "n/a" if avg is None else "/".join(f"{x:.1f}" for x in avg)
-
-
 def write_outputs(
     report: dict[str, Any], out_dir: Path, stem: str = "mha_comparison"
 ) -> list[Path]:
     """Write ``<stem>.json`` and ``<stem>.md`` under ``out_dir``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
-    paths[0].write_text(json.dumps(report, indent=1, default=str) + "\n")
-    paths[1].write_text(render_markdown(report))
-    return paths
+    return pipeline.write_outputs(SUITE, report, out_dir, stem)
+
+
+#: The suite as :mod:`qkv.bench.pipeline` runs it (``qkv bench --suite mha``).
+SUITE = pipeline.Suite("mha", "mha_comparison", _run, render_markdown)

@@ -87,7 +87,8 @@ def run_bench(
     if max_reps is not None:
         common["max_reps"] = max_reps
         common["min_reps"] = min(3, max_reps)
-    written: list[Path] = []
+    # Each suite's config is built first; then every suite goes the same way: run, write.
+    jobs: list[tuple] = []
     if suite in ("attention", "all"):
         kw: dict = dict(QUICK_ATTENTION) if quick else {}
         kw.update(common)  # the user's --threads / --max-reps win over the quick settings
@@ -103,8 +104,7 @@ def run_bench(
             if value is not None:
                 kw[key] = value
         kw["causal"] = _causal(causal)
-        report = attention.run(attention.AttentionBenchConfig(**kw))
-        written += attention.write_outputs(report, out_dir)
+        jobs.append((attention, attention.AttentionBenchConfig(**kw)))
     if suite in ("mha", "all"):
         kw = dict(QUICK_MHA) if quick else {}
         kw.update(common)
@@ -116,8 +116,11 @@ def run_bench(
         ):
             if value is not None:
                 kw[key] = value
-        report = mha.run(mha.MHABenchConfig(dtype=mha_dtype, **kw))
-        written += mha.write_outputs(report, out_dir)
+        jobs.append((mha, mha.MHABenchConfig(dtype=mha_dtype, **kw)))
+    written: list[Path] = []
+    for module, cfg in jobs:
+        # module.run / module.write_outputs drive qkv.bench.pipeline with the suite's steps.
+        written += module.write_outputs(module.run(cfg), out_dir)
     return written
 
 

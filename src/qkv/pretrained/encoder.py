@@ -89,22 +89,13 @@ class EncoderBlock(nn.Module):
     ) -> tuple[Tensor, LayerIntermediates]:
         """Like :meth:`forward`, also returning the per-head queries, keys, values,
         weights and context vectors."""
-        attn = self.attention
-        B, L, _ = x.shape
-        H, d = attn.config.num_heads, attn.config.head_dim
-        result = attn(
-            x, key_padding_mask=key_padding_mask, need_weights=True, average_weights=False
-        )
-        a, weights = result  # (B, L, d_model), (B, H, L, S)
-        # The module does not hand back its projections; they are cheap to recompute
-        # and spelling them out here shows what the heads work on.
-        q = attn.q_proj(x).view(B, L, H, d).transpose(1, 2)  # (B, H, L, d_k)
-        k = attn.k_proj(x).view(B, L, H, d).transpose(1, 2)  # (B, H, S, d_k)
-        v = attn.v_proj(x).view(B, L, H, d).transpose(1, 2)  # (B, H, S, d_v)
-        context = weights @ v  # (B, H, L, d_v)
+        heads = self.attention.forward_intermediates(x, key_padding_mask=key_padding_mask)
+        a = heads.output  # (B, L, d_model)
         x = self.attn_norm(x + a)
         x = self.mlp_norm(x + self.mlp(x))
-        return x, LayerIntermediates(q, k, v, weights, context, a, x)
+        # q (B, H, L, d_k), k and v (B, H, S, d) (BERT has H_kv = H), weights (B, H, L, S),
+        # context (B, H, L, d_v): the module's own, so they are what its output mixed.
+        return x, LayerIntermediates(heads.q, heads.k, heads.v, heads.weights, heads.context, a, x)
 
 
 class BertEncoder(nn.Module):
@@ -197,14 +188,12 @@ class SentenceEncoder(nn.Module):
     @property
     def backend(self) -> str:
         """The attention backend every block uses (``"auto"`` or a registered name)."""
-        return self.encoder.layers[0].attention.config.backend
+        return self.encoder.layers[0].attention.backend
 
     def set_backend(self, backend: str) -> SentenceEncoder:
         """Switch every block's attention to ``backend`` (e.g. ``"reference"``); returns self."""
         for block in self.encoder.layers:
-            attn = block.attention
-            # AttentionConfig is frozen and validates the name; replace it whole.
-            attn.config = dataclasses.replace(attn.config, backend=backend)
+            block.attention.set_backend(backend)  # validates the name
         return self
 
     @property

@@ -21,6 +21,9 @@ __all__ = ["EncoderIntermediates", "LayerIntermediates"]
 class LayerIntermediates:
     """One encoder block's attention, head by head, and the block's output.
 
+    The attention fields are the block's :meth:`qkv.MultiHeadAttention.forward_intermediates`
+    (:class:`qkv.modules.AttentionIntermediates`) under the names the explorer uses.
+
     Attributes:
         queries: ``(B, H, L, d_k)`` = ``q_proj(x)`` split into heads.
         keys: ``(B, H, S, d_k)``.

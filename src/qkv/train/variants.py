@@ -4,8 +4,9 @@ Shape legend: B batch · H heads · L query length · S key/value length ·
 d_model embedding width · d_k = d_v = d_model / H width per head.
 
 Every variant is a :class:`qkv.MultiHeadAttention`; they differ only in which of its
-four projections are learned. A projection that is not learned is replaced by
-``nn.Identity``, so the input is split into heads as it is, and everything else
+four projections are learned, which the layer's own ``projections`` setting
+(:class:`qkv.AttentionConfig`) says: a variant's name *is* that setting. A projection
+that is not learned is ``nn.Identity``, so the input is split into heads as it is, and everything else
 (head count, the ``1 / sqrt(d_k)`` scale, masks, the KV cache, the backend) is the
 same code path::
 
@@ -29,36 +30,30 @@ a gain would act as a shared diagonal ``W_Q = W_K = W_V`` and leak a projection 
 
 from __future__ import annotations
 
-from typing import Literal
-
-import torch.nn as nn
-
+from ..config import LEARNED_PROJECTIONS, PROJECTIONS, AttentionConfig, Projections
 from ..modules import MultiHeadAttention
 
 __all__ = ["VARIANTS", "Variant", "check_variant", "make_attention", "projection_names"]
 
-Variant = Literal["fixed", "qk", "trainable"]
+#: A variant is an :class:`qkv.AttentionConfig` ``projections`` setting.
+Variant = Projections
 
 #: Attention variants, from no learned projection to all of them.
-VARIANTS: tuple[str, ...] = ("fixed", "qk", "trainable")
-
-_LEARNED = {
-    "fixed": (),
-    "qk": ("q_proj", "k_proj"),
-    "trainable": ("q_proj", "k_proj", "v_proj", "out_proj"),
-}
+VARIANTS: tuple[str, ...] = PROJECTIONS
 
 
 def check_variant(variant: object) -> str:
     """Return ``variant`` if it names a variant, else raise ``ValueError`` listing them."""
-    if variant not in _LEARNED:
+    # Checked here too (not only by AttentionConfig) for the message: the training
+    # configs and the CLI call the setting "attention variant".
+    if not isinstance(variant, str) or variant not in LEARNED_PROJECTIONS:
         raise ValueError(f"attention variant must be one of {list(VARIANTS)}, got {variant!r}")
     return str(variant)
 
 
 def projection_names(variant: str) -> tuple[str, ...]:
     """Names of the projections that ``variant`` learns (``()`` for ``fixed``)."""
-    return _LEARNED[check_variant(variant)]
+    return LEARNED_PROJECTIONS[check_variant(variant)]
 
 
 def make_attention(
@@ -77,11 +72,7 @@ def make_attention(
     ...  for v in VARIANTS]
     [0, 128, 256]
     """
-    learned = projection_names(variant)
+    projections = check_variant(variant)
     # Biases off: they would be extra learned terms outside the projections compared.
-    layer = MultiHeadAttention(d_model, num_heads, bias=False, causal=causal, backend=backend)
-    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-        if name not in learned:
-            setattr(layer, name, nn.Identity())
-    layer.variant = variant
-    return layer
+    kw = dict(bias=False, causal=causal, backend=backend, projections=projections)
+    return MultiHeadAttention.from_config(AttentionConfig(d_model, num_heads, **kw))
