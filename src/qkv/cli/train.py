@@ -184,7 +184,10 @@ def _experiment_cmd(app: typer.Typer) -> None:
                 progress=progress,
                 against=against,
             )
-        typer.echo(summary["table_markdown"])
+        from .results_table import print_results
+        from .tables import console
+
+        print_results(summary, console())
         typer.echo(f"results written to {summary['out']}")
         check = summary.get("check")
         if check is not None:
