@@ -172,6 +172,25 @@ def test_build_dir_and_helpers():
     assert isinstance(compiled.has_bf16_dot(), bool) and isinstance(compiled.has_fp16_dot(), bool)
 
 
+def test_two_checkouts_do_not_share_a_build_folder(tmp_path, monkeypatch):
+    """The same sources at two paths get two build folders: ninja's build file records
+    absolute paths, so a shared folder made each checkout rebuild over the other."""
+    copies = []
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        for src in compiled._sources():
+            (folder / src.name).write_bytes(src.read_bytes())
+        copies.append(sorted(folder.iterdir()))
+    keys = []
+    for files in copies:
+        monkeypatch.setattr(compiled, "_sources", lambda files=files: files)
+        keys.append(compiled._build_config()[0])
+    assert keys[0] != keys[1]
+    monkeypatch.setattr(compiled, "_sources", lambda: copies[0])
+    assert compiled._build_config()[0] == keys[0]  # stable for one checkout
+
+
 def test_no_compile_env_falls_back(tmp_path):
     code = (
         "from qkv.backends.flash import compiled as c\n"

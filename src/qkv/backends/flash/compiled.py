@@ -156,13 +156,16 @@ def _build_config() -> tuple[str, list[str], list[str]]:
         h.update(part.encode())
         h.update(b"\0")
     for src in _sources():
-        h.update(src.name.encode())
+        # The absolute path too: ninja's build file records it, so two checkouts sharing
+        # one folder would each see the other's build as stale and rebuild over it.
+        h.update(str(src.resolve()).encode())
         h.update(src.read_bytes())
     return h.hexdigest()[:20], cflags, ldflags
 
 
 def extension_dir() -> Path:
-    """The build folder of the current sources, flags, torch version and CPU capability."""
+    """The build folder of the current sources (their content and location), flags, torch
+    version and CPU capability."""
     key, _, _ = _build_config()
     root = os.environ.get("QKV_EXTENSIONS_DIR")
     if root:
