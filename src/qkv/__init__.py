@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 # --help``) does not import torch. ``from qkv import X`` and ``qkv.X`` work as usual.
 _LAZY = {
     "AttentionConfig": ".config",
+    "AttentionIntermediates": ".modules",
     "AttentionRequest": ".backends",
     "AttentionResult": ".result",
     "Band": ".band",
@@ -39,7 +40,7 @@ if TYPE_CHECKING:  # what static tools see
     from .cache import KVCache
     from .config import AttentionConfig
     from .functional import scaled_dot_product_attention, simple_attention
-    from .modules import MultiHeadAttention, SelfAttention
+    from .modules import AttentionIntermediates, MultiHeadAttention, SelfAttention
     from .result import AttentionResult
 
 
@@ -60,6 +61,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AttentionConfig",
+    "AttentionIntermediates",
     "AttentionRequest",
     "AttentionResult",
     "Band",
