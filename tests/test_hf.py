@@ -698,3 +698,14 @@ def test_explain_folder_without_safetensors_is_a_one_line_error(tmp_path, capsys
     assert main(["explain", "a b", "--model", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "safetensors" in err and "Traceback" not in err
+
+
+def test_explain_folder_without_a_tokenizer_is_a_one_line_error(tmp_path, capsys):
+    from qkv.cli.app import main
+
+    eager, _ = pair("llama")
+    eager.save_pretrained(tmp_path)  # weights and config, no tokenizer
+    capsys.readouterr()  # transformers' progress bar from saving
+    assert main(["explain", "a b", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer.json" in err and "Traceback" not in err and len(err.splitlines()) == 1

@@ -176,6 +176,12 @@ class HFModel:
         from transformers.utils import logging as hf_logging
 
         local: LocalModel = load_local(name)
+        if not (local.path / "tokenizer.json").is_file():
+            raise ValueError(
+                f"{local.path} has no tokenizer.json: qkv explain needs the model's fast "
+                "tokenizer to map tokens to words (save it there with "
+                "tokenizer.save_pretrained)"
+            )
         auto = AutoModelForCausalLM if local.causal else AutoModel
         kw = {"local_files_only": True, "dtype": torch.float32}
         # transformers draws a "Loading weights" bar for a one-second load; the CLI's
