@@ -673,7 +673,8 @@ def word_tokenizer(words: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>")
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+# bert: a BERT folder whose tokenizer is not WordPiece goes to transformers too.
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "bert"])
 def test_explain_reads_any_local_transformers_folder(kind, tmp_path, capsys):
     from qkv.cli.app import main
 

@@ -26,11 +26,19 @@ def _own_encoder_folder(path: Path) -> bool:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return True  # let qkv.pretrained report what is wrong with the folder
-    return (
+    if not (
         config.get("model_type") in _OWN_ENCODER_TYPES
         and (path / "tokenizer.json").is_file()
         and (path / "model.safetensors").is_file()
-    )
+    ):
+        return False
+    # qkv's own encoder reads WordPiece vocabularies with a [PAD] token (BERT's); any
+    # other tokenizer goes to transformers, which reads them all.
+    try:
+        model = json.loads((path / "tokenizer.json").read_text()).get("model") or {}
+    except (OSError, ValueError):
+        return True  # qkv.pretrained names the unreadable file
+    return model.get("type") == "WordPiece" and "[PAD]" in (model.get("vocab") or {})
 
 
 def load_model(name: str, *, backend: str = "auto"):
