@@ -37,3 +37,15 @@ def test_results_fit_the_width_with_every_task_and_number(width):
     if width >= 100:  # wide enough for the [min, max] ranges and the steps
         recall = SUMMARY["table"]["recall"]["fixed"]
         assert f"[{recall['min']:.3f}, {recall['max']:.3f}]" in text and "steps" in text
+
+
+def test_bench_progress_lines_wrap_to_the_width(capsys, monkeypatch):
+    from qkv.bench.pipeline import print_wrapped
+
+    line = ", ".join(f"qkv:impl{i} {i}.123 ms" for i in range(30))  # ~500 characters
+    for width in (80, 120):
+        monkeypatch.setenv("COLUMNS", str(width))
+        print_wrapped(line)
+        lines = capsys.readouterr().out.splitlines()
+        assert len(lines) > 1 and max(len(x) for x in lines) <= width
+        assert " ".join(x.strip() for x in lines) == line  # nothing lost or cut mid-word

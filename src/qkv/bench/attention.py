@@ -204,7 +204,9 @@ def _check(got: tuple[Tensor, ...], want: tuple[Tensor, ...]) -> dict[str, float
     return {n: pipeline.max_abs(g, w) for n, g, w in zip(names, got, want, strict=False)}
 
 
-def run(cfg: AttentionBenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run(
+    cfg: AttentionBenchConfig, log: Callable[[str], None] = pipeline.print_wrapped
+) -> dict[str, Any]:
     """Run the grid; return everything as a JSON-ready dict."""
     return pipeline.run_report(SUITE, cfg, log)
 

@@ -367,7 +367,7 @@ def check_agreement(
 # ------------------------------------------------------------------------- run
 
 
-def run(cfg: MHABenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run(cfg: MHABenchConfig, log: Callable[[str], None] = pipeline.print_wrapped) -> dict[str, Any]:
     """Time every comparator (interleaved) and check they agree; JSON-ready dict."""
     return pipeline.run_report(SUITE, cfg, log)
 

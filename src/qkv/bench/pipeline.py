@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,7 @@ __all__ = [
     "max_abs",
     "memory_method",
     "mib",
+    "print_wrapped",
     "run_report",
     "timing_fields",
     "warm_up_each",
@@ -45,6 +48,25 @@ __all__ = [
 
 Report = dict[str, Any]
 Log = Callable[[str], None]
+
+
+def print_wrapped(line: str) -> None:
+    """The suites' default log: one progress line, wrapped to the terminal's width.
+
+    A case's line lists every implementation's time (300+ characters); unwrapped, an
+    80-column terminal breaks it mid-word. The width is ``COLUMNS`` when set, else the
+    terminal's, else 120; continuation lines are indented.
+    """
+    width = shutil.get_terminal_size((120, 24)).columns
+    print(
+        textwrap.fill(
+            line,
+            width=max(40, width),
+            subsequent_indent="    ",
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+    )
 
 
 class _SuiteConfig(Protocol):
@@ -85,7 +107,7 @@ class Suite:
     render_plot: Callable[[Report, Path], None] | None = None
 
 
-def run_report(suite: Suite, cfg: _SuiteConfig, log: Log = print) -> Report:
+def run_report(suite: Suite, cfg: _SuiteConfig, log: Log = print_wrapped) -> Report:
     """Run ``suite`` on ``cfg`` with ``cfg.threads`` torch threads (restored after)."""
     with torch_threads(cfg.threads):
         return suite.run(cfg, log)
