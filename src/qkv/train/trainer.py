@@ -503,7 +503,9 @@ def train(
     info = ddp.init_distributed(cfg.device)
     saved_threads = torch.get_num_threads()
     try:
-        return _train(cfg, Path(out), resume, progress, threads, info, context_parallel)
+        results = _train(cfg, Path(out), resume, progress, threads, info, context_parallel)
+        ddp.barrier(info)  # every process is done talking before any leaves the group
+        return results
     finally:
         torch.set_num_threads(saved_threads)  # callers in this process keep their setting
         ddp.shutdown(info)
