@@ -229,3 +229,15 @@ def assert_matches_reference(
             errs[name] = max_err(gk, e)
             assert errs[name] <= tol, f"{name} in {dtype}: error {errs[name]:.3e} > {tol:.1e}"
     return errs
+
+
+# ---------------------------------------------------------------- CLI output
+
+
+def table_cells(out: str, first: str) -> list[str]:
+    """The cells of the rich table row whose first cell is ``first`` (split on │)."""
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("│").split("│")]
+        if cells and cells[0] == first:
+            return cells
+    raise AssertionError(f"no row {first!r} in:\n{out}")

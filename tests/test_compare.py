@@ -25,6 +25,7 @@ from qkv.explain import (
     WordVectors,
     judge_comparison,
 )
+from support import table_cells as _cells
 
 LABELS = ("input", "baseline", "layer 1")
 RIVER = "The bank of the river was muddy after the storm"
@@ -84,14 +85,6 @@ def _bank_vector(model, text: str, layer: int) -> torch.Tensor:
     run = model.run(text)
     pos = run.texts[0].tokens.index("bank")
     return run.layers[layer - 1].hidden[0, pos].double()
-
-
-def _cells(out: str, first: str) -> list[str]:
-    for line in out.splitlines():
-        cells = [c.strip() for c in line.strip().strip("│").split("│")]
-        if cells and cells[0] == first:
-            return cells
-    raise AssertionError(f"no row {first!r} in:\n{out}")
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from qkv.cli.app import main
 from qkv.explain import explain, find_focus, heatmaps, load_weights
 from qkv.pretrained import load, locate
+from support import table_cells as _cells
 
 TEXT = "The bank of the river was muddy after the storm"
 MONEY = "I deposited the money at the bank before lunch"
@@ -41,15 +42,6 @@ def page_data(page: str) -> dict:
 
 def _u16(b64: str) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(base64.b64decode(b64), "<u2").astype(np.float64))
-
-
-def _cells(out: str, first: str) -> list[str]:
-    """The cells of the table row whose first cell is ``first`` (rich's │ separators)."""
-    for line in out.splitlines():
-        cells = [c.strip() for c in line.strip().strip("│").split("│")]
-        if cells and cells[0] == first:
-            return cells
-    raise AssertionError(f"no row {first!r} in:\n{out}")
 
 
 def _section(out: str, title_start: str) -> str:
